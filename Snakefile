@@ -1,0 +1,39 @@
+# lowrank: low-rank (SVD) compression of pretrained causal LMs. This file is the table of contents.
+#
+# results/
+#   {model}/pretrained/manifest.json, hf/              pretrained   (the source model, converted once if needed)
+#   {model}/data/{split}.safetensors                   token_windows (split: calibration | evaluation, disjoint)
+#   {model}/{source}/stats/{stat}.safetensors          calibration_stats (shared by every method and ratio)
+#   {model}/{source}/scores/{whitening}/{scorer}.safetensors   score_components (ratio-independent)
+#   {model}/{source}/eval/ppl.json                     evaluate_source (the dense reference)
+#   {model}/{method}/{ratio}/allocation.json           allocate     (first rule with {ratio}; ratio = kept fraction)
+#   {model}/{method}/{ratio}/stage0/                   truncate     (factors.safetensors + manifest.json)
+#   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)
+#   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
+#   summary/table.csv, table.md, metrics.json, plots/  summarize
+# logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
+
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/pretrained.smk"
+include: "rules/data.smk"
+include: "rules/calibration.smk"
+include: "rules/scoring.smk"
+include: "rules/allocation.smk"
+include: "rules/truncation.smk"
+include: "rules/correction.smk"
+include: "rules/evaluation.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,211 @@
+"""Rank allocation under one parameter budget over all targets.
+
+The foundation's allocator is ``uniform`` (what SVD-LLM does): every matrix keeps the same fraction ``ρ`` of
+its own parameters, rank ``k = ⌊(ρ · P_dense − b) / (m + n)⌋`` (``b`` the bias, kept dense), clipped to the
+break-even rank ``r*`` so the factors are always smaller than the matrix, and ``ρ = 1`` keeps everything dense.
+The total kept is then at most ``⌊ρ D⌋`` by construction. ``None`` as a rank means "stays dense".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .accounting import Budget, TargetShape, breakeven_rank, dense_params, stored_params
+
+__all__ = ["Allocation", "ALLOCATORS", "allocate", "allocate_uniform", "allocate_zero_sum", "allocate_min_abs",
+           "greedy_ranks"]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Ranks per target (``None`` = dense) and the parameter accounting of that choice."""
+
+    budget: Budget
+    ranks: dict[str, int | None]
+    shapes: dict[str, TargetShape]
+
+    @property
+    def kept_params(self) -> int:
+        return sum(stored_params(self.shapes[n], r) for n, r in self.ranks.items())
+
+    def to_json(self, scores: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """JSON body: totals (kept and removed fractions) and one row per target."""
+        rows = {}
+        for name, r in self.ranks.items():
+            s = self.shapes[name]
+            row: dict[str, Any] = {"m": s.m, "n": s.n, "bias": s.bias, "rank": r,
+                                   "dense_params": dense_params(s), "stored_params": stored_params(s, r)}
+            if scores is not None and name in scores:
+                sig2 = scores[name].double() ** 2
+                k = s.full_rank if r is None else r
+                row["score_tail_fraction"] = float(sig2[k:].sum() / sig2.sum().clamp_min(1e-300))
+            rows[name] = row
+        kept = self.kept_params
+        return {
+            "kept_fraction_target": self.budget.kept_fraction,
+            "removed_fraction_target": self.budget.removed_fraction,
+            "target_params": self.budget.target_params,
+            "budget_params": self.budget.max_kept_params,
+            "kept_params": kept,
+            "kept_fraction": kept / self.budget.target_params,
+            "removed_fraction": 1 - kept / self.budget.target_params,
+            "n_factored": sum(r is not None for r in self.ranks.values()),
+            "n_dense": sum(r is None for r in self.ranks.values()),
+            "targets": rows,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Allocation":
+        shapes = {n: TargetShape(r["m"], r["n"], r["bias"]) for n, r in obj["targets"].items()}
+        ranks = {n: r["rank"] for n, r in obj["targets"].items()}
+        return cls(Budget(obj["kept_fraction_target"], obj["target_params"]), ranks, shapes)
+
+
+def allocate_uniform(shapes: dict[str, TargetShape], kept_fraction: float,
+                     scores: dict[str, torch.Tensor] | None = None) -> dict[str, int | None]:
+    """Same kept fraction for every matrix (SVD-LLM); ``scores`` are not read."""
+    ranks: dict[str, int | None] = {}
+    for name, s in shapes.items():
+        r_star = breakeven_rank(s)
+        if kept_fraction >= 1.0 or r_star < 1:
+            ranks[name] = None
+            continue
+        bias = s.m if s.bias else 0
+        k = int((kept_fraction * dense_params(s) - bias) // (s.m + s.n))
+        ranks[name] = max(1, min(k, r_star))
+    return ranks
+
+
+def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: dict[str, torch.Tensor],
+                 rule: str = "zero_sum", min_rank_fraction: float = 0.0) -> tuple[dict[str, int | None], list[float]]:
+    """Global greedy removal of whitened components under one parameter budget.
+
+    ``scores[name]`` is the predicted loss change ``ΔL_i`` of removing component ``i`` (σ order, descending).
+    Each matrix offers only its tail component (truncation is always a prefix of the σ-ordered spectrum), and
+    every component is chosen on its own ``ΔL``. ``rule``:
+
+    * ``zero_sum`` (ZS-SVD): keep the running sum ``s = Σ ΔL`` of accepted removals near zero: if ``s ≤ 0``
+      take the candidate with the smallest positive ΔL, else the negative ΔL closest to zero (falling back to
+      the other sign when one side is empty).
+    * ``min_abs``: the candidate with the smallest ``|ΔL|``, whatever its sign.
+
+    Parameter credit: a dense matrix saves nothing until its rank reaches the break-even ``r*``; crossing it
+    credits ``P_dense − r*(m+n)`` (at most ``m + n``), every later component ``m + n``. Matrices left above ``r*``
+    stay dense. The ZS-SVD reference adds the ΔL of such reverted selections to ``s`` (so the applied set is not
+    zero-sum); here a matrix's ΔL enter ``s`` only when it crosses ``r*``, so ``s`` is exactly the predicted loss
+    change of the returned ranks. Selection stops as soon as the credit reaches ``D − ⌊ρ D⌋``: the kept count is
+    at most ``⌊ρ D⌋`` and at least ``⌊ρ D⌋ − max(m + n)``. Ties break by insertion order (deterministic).
+    Returns the ranks and the committed running sum after each accepted removal.
+    """
+    import heapq
+
+    if rule not in ("zero_sum", "min_abs"):
+        raise ValueError(f"unknown greedy rule {rule!r}; choose zero_sum or min_abs")
+    missing = [n for n in shapes if n not in scores]
+    if missing:
+        raise ValueError(f"no scores for {len(missing)} targets, e.g. {missing[:2]}; rerun score_components")
+    for n, s in shapes.items():
+        if scores[n].numel() != s.full_rank:
+            raise ValueError(f"scores of {n} have {scores[n].numel()} components, its shape {s.m}x{s.n} has "
+                             f"{s.full_rank}; rerun score_components for this model")
+    total = sum(dense_params(s) for s in shapes.values())
+    to_remove = total - int(kept_fraction * total)
+    r_star = {n: breakeven_rank(s) for n, s in shapes.items()}
+    floors = {n: max(1, int(math.ceil(min_rank_fraction * r_star[n]))) for n in shapes}
+    planned = {n: s.full_rank for n, s in shapes.items()}  # tail pointer: components [0, planned) kept
+    pending = {n: 0.0 for n in shapes}  # ΔL chosen in the dead zone, committed when r* is crossed
+    deltas = {n: scores[n].double().tolist() for n in shapes}
+    pos: list[tuple[float, int, str]] = []
+    neg: list[tuple[float, int, str]] = []
+    counter = 0
+
+    def push(name: str) -> None:
+        nonlocal counter
+        k = planned[name]
+        if k <= floors[name] or r_star[name] < floors[name]:
+            return
+        d = deltas[name][k - 1]
+        heapq.heappush(pos if d >= 0 else neg, (abs(d), counter, name))
+        counter += 1
+
+    for name in shapes:
+        push(name)
+    removed, running, trace = 0, 0.0, []
+    while removed < to_remove:
+        if not pos and not neg:
+            raise ValueError(f"kept fraction {kept_fraction} cannot be reached: every matrix is at its rank "
+                             f"floor (min_rank_fraction {min_rank_fraction}); lower the floor or raise the ratio")
+        if rule == "zero_sum":
+            heap = (pos if pos else neg) if running <= 0 else (neg if neg else pos)
+        else:
+            heap = pos if (pos and (not neg or pos[0][:2] < neg[0][:2])) else neg
+        _, _, name = heapq.heappop(heap)
+        s = shapes[name]
+        planned[name] -= 1
+        d = deltas[name][planned[name]]
+        if planned[name] > r_star[name]:
+            pending[name] += d  # still dense: no credit, not yet in the ledger
+        else:
+            if planned[name] == r_star[name]:
+                removed += dense_params(s) - stored_params(s, r_star[name])
+                d += pending[name]
+            else:
+                removed += s.m + s.n
+            running += d
+            trace.append(running)
+        push(name)
+    ranks = {n: (k if k <= r_star[n] else None) for n, k in planned.items()}
+    return ranks, trace
+
+
+def allocate_zero_sum(shapes: dict[str, TargetShape], kept_fraction: float,
+                      scores: dict[str, torch.Tensor] | None = None, min_rank_fraction: float = 0.0
+                      ) -> dict[str, int | None]:
+    """ZS-SVD's zero-sum selection (see :func:`greedy_ranks`)."""
+    if scores is None:
+        raise ValueError("allocator zero_sum needs per-component scores")
+    return greedy_ranks(shapes, kept_fraction, scores, "zero_sum", min_rank_fraction)[0]
+
+
+def allocate_min_abs(shapes: dict[str, TargetShape], kept_fraction: float,
+                     scores: dict[str, torch.Tensor] | None = None, min_rank_fraction: float = 0.0
+                     ) -> dict[str, int | None]:
+    """Smallest ``|ΔL|`` first (see :func:`greedy_ranks`)."""
+    if scores is None:
+        raise ValueError("allocator min_abs needs per-component scores")
+    return greedy_ranks(shapes, kept_fraction, scores, "min_abs", min_rank_fraction)[0]
+
+
+ALLOCATORS: dict[str, Callable[..., dict[str, int | None]]] = {
+    "uniform": allocate_uniform,
+    "zero_sum": allocate_zero_sum,
+    "min_abs": allocate_min_abs,
+}
+
+
+def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: float,
+             scores: dict[str, torch.Tensor] | None = None, min_rank_fraction: float = 0.0) -> Allocation:
+    """Run the named allocator and check the result against the budget.
+
+    ``min_rank_fraction`` is the greedy allocators' per-matrix rank floor ``⌈f · r*⌉`` (ZS-SVD's
+    keep_rank_ratio); the uniform allocator has no use for it.
+    """
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
+    if not 0.0 <= min_rank_fraction < 1.0:
+        raise ValueError(f"min_rank_fraction must be in [0, 1), got {min_rank_fraction}")
+    budget = Budget(kept_fraction, sum(dense_params(s) for s in shapes.values()))
+    if allocator == "uniform":
+        ranks = allocate_uniform(shapes, kept_fraction, scores)
+    else:
+        ranks = ALLOCATORS[allocator](shapes, kept_fraction, scores, min_rank_fraction=min_rank_fraction)
+    alloc = Allocation(budget=budget, ranks=ranks, shapes=dict(shapes))
+    # a rank-1 floor can exceed a tiny budget; say so instead of silently overspending
+    if alloc.kept_params > budget.max_kept_params and kept_fraction < 1.0:
+        raise ValueError(f"kept fraction {kept_fraction} is below what rank 1 everywhere stores "
+                         f"({alloc.kept_params} > {budget.max_kept_params} parameters); use a larger ratio")
+    return alloc

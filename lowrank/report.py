@@ -1,0 +1,148 @@
+"""Result tables and plots from evaluation records (pandas, matplotlib); no knowledge of where files live.
+
+The long table has one row per (model, method, ratio, metric) with a numeric ``value``; ``ratio`` is the
+configured kept fraction of target parameters (1.0 for the dense reference, whose method is ``dense``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import pandas as pd
+
+from .io import atomic_path
+
+__all__ = ["results_table", "ppl_pivot", "wide_ppl", "metrics_tree", "plot_ppl", "ranks_table", "plot_ranks"]
+
+_EVAL_METRICS = ("ppl", "nll", "total_params", "total_bytes", "target_params", "target_bytes", "factor_file_bytes")
+
+
+def results_table(dense: list[dict[str, Any]], compressed: list[tuple[dict[str, Any], dict[str, Any]]]
+                  ) -> pd.DataFrame:
+    """Long format (model, method, ratio, metric, value) from dense records and (eval, allocation) pairs."""
+    rows: list[dict[str, Any]] = []
+
+    def add(model: str, method: str, ratio: float, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            if v is not None:
+                rows.append({"model": model, "method": method, "ratio": ratio, "metric": k, "value": float(v)})
+
+    for rec in dense:
+        add(rec["model"], "dense", 1.0, {k: rec.get(k) for k in _EVAL_METRICS} | {"kept_fraction": 1.0,
+                                                                                  "removed_fraction": 0.0})
+    for rec, alloc in compressed:
+        add(rec["model"], rec["method"], float(rec["ratio"]),
+            {k: rec.get(k) for k in _EVAL_METRICS}
+            | {"kept_fraction": alloc["kept_fraction"], "removed_fraction": alloc["removed_fraction"],
+               "n_factored": alloc["n_factored"], "n_dense": alloc["n_dense"]})
+    return pd.DataFrame(rows, columns=["model", "method", "ratio", "metric", "value"])
+
+
+def ppl_pivot(table: pd.DataFrame) -> pd.DataFrame:
+    """Perplexity as (model, method) rows × kept-fraction columns, the papers' layout."""
+    ppl = table[table.metric == "ppl"]
+    wide = ppl.pivot_table(index=["model", "method"], columns="ratio", values="value", aggfunc="first")
+    wide = wide[sorted(wide.columns, reverse=True)]
+    wide.columns = [f"kept {c:.2f}" for c in wide.columns]
+    return wide.reset_index()
+
+
+def wide_ppl(table: pd.DataFrame) -> pd.DataFrame:
+    """Perplexity as (model, ratio) rows × method columns (the DVC plot data)."""
+    ppl = table[table.metric == "ppl"]
+    wide = ppl.pivot_table(index=["model", "ratio"], columns="method", values="value", aggfunc="first")
+    return wide.reset_index().sort_values(["model", "ratio"], ascending=[True, False])
+
+
+def metrics_tree(table: pd.DataFrame) -> dict[str, Any]:
+    """Nested model → method → ratio → metric → value (DVC metrics)."""
+    tree: dict[str, Any] = {}
+    for r in table.itertuples(index=False):
+        tree.setdefault(r.model, {}).setdefault(r.method, {}).setdefault(f"{r.ratio:.2f}", {})[r.metric] = r.value
+    return tree
+
+
+def plot_ppl(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Perplexity (log scale) vs kept fraction, one line per method and a dashed line for the dense model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = table[table.metric == "ppl"]
+    models = sorted(ppl.model.unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = ppl[ppl.model == model]
+        for method, grp in sub[sub.method != "dense"].groupby("method"):
+            grp = grp.sort_values("ratio")
+            ax.plot(grp.ratio, grp.value, marker="o", label=method)
+        dense = sub[sub.method == "dense"].value
+        if len(dense):
+            ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("kept fraction of target parameters")
+        ax.set_ylabel("perplexity (held-out)")
+        ax.set_title(model)
+        ax.invert_xaxis()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def ranks_table(allocations: list[tuple[str, str, float, dict[str, Any]]]) -> pd.DataFrame:
+    """One row per (model, method, ratio, target): block index, projection, shape, kept rank.
+
+    ``rank_fraction`` is the kept rank over the full rank ``min(m, n)`` (1.0 for a matrix left dense).
+    """
+    rows = []
+    for model, method, ratio, alloc in allocations:
+        for name, t in alloc["targets"].items():
+            match = re.match(r"(.*?)\.(\d+)\.(.+)$", name)
+            block, proj = (int(match.group(2)), match.group(3)) if match else (-1, name)
+            full = min(t["m"], t["n"])
+            rank = t["rank"]
+            rows.append({"model": model, "method": method, "ratio": ratio, "target": name, "block": block,
+                         "projection": proj, "m": t["m"], "n": t["n"], "rank": rank if rank is not None else full,
+                         "dense": rank is None, "rank_fraction": (rank if rank is not None else full) / full})
+    return pd.DataFrame(rows)
+
+
+def plot_ranks(ranks: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Kept rank (fraction of full rank) by block, one line per projection; a panel per (method, ratio)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.model, r.method, r.ratio) for r in ranks.itertuples()}, key=lambda x: (x[0], x[1], -x[2]))
+    methods = sorted({(m, meth) for m, meth, _ in panels})
+    ratios = sorted({r for _, _, r in panels}, reverse=True)
+    fig, axes = plt.subplots(len(methods), len(ratios), figsize=(4.2 * len(ratios), 2.8 * len(methods)),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, (model, method) in enumerate(methods):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            sub = ranks[(ranks.model == model) & (ranks.method == method) & (ranks.ratio == ratio)]
+            for proj, grp in sub.groupby("projection"):
+                grp = grp.sort_values("block")
+                ax.plot(grp.block, grp.rank_fraction, marker=".", lw=1, label=proj)
+            ax.set_title(f"{method} @ kept {ratio:.2f}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.grid(True, alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(f"{model}\nrank / full rank", fontsize=8)
+            if i == len(methods) - 1:
+                ax.set_xlabel("decoder block")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

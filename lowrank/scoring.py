@@ -1,0 +1,92 @@
+"""Per-component scores of every target's (whitened) singular components; ratio-independent.
+
+Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S = U Σ Vᵀ``. Scorers:
+
+* ``sigma``: the singular values ``σ_i`` themselves (plain SVD with ``S = I``; SVD-LLM with the input whitening,
+  where ``σ_i²`` is exactly the calibration output energy of component ``i``). Used for the spectra and by the
+  uniform allocator, which does not need them to choose ranks.
+* ``first_order`` (ZS-SVD): the predicted change of the calibration loss when component ``i`` is removed,
+  ``ΔL_i = −σ_i · u_iᵀ H v_i`` with ``H = ∂L/∂(W S) = G S^{-T}`` the gradient in whitened coordinates
+  (``G = ∂L/∂W`` from one backward pass per calibration batch; ``S^{-T}`` applied by a triangular solve).
+  ``ΔL_i > 0``: removing ``i`` is predicted to raise the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .gradients import TargetGradients
+from .model import Target, linear_weight
+from .runtime import progress
+from .spaces import input_factor
+from .whitening import whiten
+
+__all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "score_targets"]
+
+
+def whitened_gradient(G: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
+    """``H = G S^{-T}`` (the gradient w.r.t. ``W S``), by solving ``H Sᵀ = G``; ``G`` itself when ``S = I``."""
+    if S is None:
+        return G.to(torch.float64)
+    return torch.linalg.solve_triangular(S.T, G.to(S.dtype), upper=True, left=False)
+
+
+def first_order_delta(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ, ΔL)`` with ``ΔL_i = −σ_i · (Uᵀ H V)_ii`` for ``W S = U Σ Vᵀ``, ``H = G S^{-T}``."""
+    A = W.to(torch.float64) if S is None else whiten(W.to(torch.float64), S)
+    U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)  # U [m, r], Vh [r, n]
+    H = whitened_gradient(G, S)  # [m, n]
+    g_sigma = ((U.T @ H) * Vh).sum(dim=1)  # diag(Uᵀ H V), [r]
+    return sigma, -sigma * g_sigma
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+    needs_gradients: bool
+    description: str
+
+
+def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    A = W.to(torch.float64) if S is None else whiten(W.to(torch.float64), S)
+    sigma = torch.linalg.svdvals(A)
+    return sigma, sigma.clone()
+
+
+def _first_order(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if G is None:
+        raise ValueError("scorer first_order needs calibration gradients")
+    return first_order_delta(W, S, G)
+
+
+SCORERS: dict[str, Scorer] = {
+    "sigma": Scorer(_sigma, False, "singular values of W S"),
+    "first_order": Scorer(_first_order, True, "first-order loss change of removing each component (ZS-SVD)"),
+}
+
+
+@torch.no_grad()
+def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitening: str, stats: dict[str, Any],
+                  damping: float = 1e-6, device: torch.device | str = "cpu",
+                  gradients: TargetGradients | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{target: {"sigma": σ, "score": s}}`` (float64, σ descending) for every target."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
+    sc = SCORERS[scorer]
+    if sc.needs_gradients and gradients is None:
+        raise ValueError(f"scorer {scorer!r} needs calibration gradients")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for t in progress(targets, desc=f"score {scorer}/{whitening}"):
+        W = linear_weight(model.get_submodule(t.name)).detach().to(device)
+        S = input_factor(whitening, t.name, stats, damping, device)
+        G = gradients.G[t.name].to(device) if gradients is not None else None
+        sigma, score = sc.fn(W, S, G)
+        out[t.name] = {"sigma": sigma.cpu(), "score": score.cpu()}
+    return out

@@ -1,0 +1,89 @@
+"""The coordinate spaces truncation and scoring work in: which input factor ``S`` each whitening kind uses.
+
+A whitening kind names the calibration statistic it reads and how ``S`` (lower triangular, n×n) is built from
+it for a target; ``None`` means the plain weight space (``S = I``). Every decomposition in the pipeline is the SVD
+of ``W S``, so scorers, truncation and correction all agree on the space by going through this registry.
+
+The baselines' scalings are diagonal ``S`` (lower triangular as they stand): ASVD scales input channel ``j`` by
+its mean absolute activation to the power ``α``, FWSVD by the square root of its Fisher information (summed
+over the output rows) to the power ``α``. The truncated SVD of ``W S`` then minimises ``‖(W − W') S‖_F``, and
+truncation un-scales the right factor by the same triangular solve as SVD-LLM's whitening. Their exponents are
+properties of the space, stored with the statistic (one value per run, like the damping), so every method and
+scorer that works in a space sees the same ``S``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Space", "SPACES", "input_factor", "diagonal_scaling", "DIAGONAL_FLOOR"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """``stat``: the calibration statistic kind it needs (``None``: none); ``factor(name, stat, damping, device)``."""
+
+    stat: str | None
+    factor: Callable[[str, Any, float, torch.device | str], torch.Tensor | None]
+    description: str
+
+
+def _identity(name: str, stat: Any, damping: float, device: torch.device | str) -> None:
+    return None
+
+
+def _input_gram(name: str, grams: Any, damping: float, device: torch.device | str) -> torch.Tensor:
+    return grams.factor_for(name, damping, device).S
+
+
+# ASVD adds an absolute 1e-6 to its scales; relative to the mean scale it means the same for activations of any
+# size and for Fisher scales (square roots of squared gradients, often ~1e-5 themselves)
+DIAGONAL_FLOOR = 1e-6
+
+
+def diagonal_scaling(s: torch.Tensor, name: str = "target", floor: float = DIAGONAL_FLOOR) -> torch.Tensor:
+    """``S = diag(s + floor · mean(s))`` (float64, n×n): a diagonal, hence lower-triangular, input factor.
+
+    The relative floor keeps ``S`` invertible when a channel is dead (``s_j = 0``) without changing the scale of
+    the others; a constant ``s`` gives ``S = c I``, whose SVD of ``W S`` is plain SVD's.
+    """
+    s = s.to(torch.float64)
+    if s.ndim != 1:
+        raise ValueError(f"{name}: a diagonal scaling needs a vector, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all() or bool((s < 0).any()):
+        raise ValueError(f"{name}: scaling has negative or non-finite entries; recompute its calibration statistics "
+                         "in float32 (runtime.dtype)")
+    mean = float(s.mean())
+    if mean <= 0:
+        raise ValueError(f"{name}: every entry of its scaling is zero (no calibration signal reached it); check "
+                         "the calibration windows")
+    return torch.diag(s + floor * mean)
+
+
+def _diagonal(name: str, stat: Any, damping: float, device: torch.device | str) -> torch.Tensor:
+    return diagonal_scaling(stat.scale_for(name).to(device), name)
+
+
+SPACES: dict[str, Space] = {
+    "none": Space(None, _identity, "plain weights, S = I (plain SVD)"),
+    "input_gram": Space("input_gram", _input_gram,
+                        "truncation-aware whitening, S Sᵀ = XᵀX/N + εI (SVD-LLM, ZS-SVD)"),
+    "act_scale": Space("act_scale", _diagonal,
+                       "activation-aware scaling, S = diag(mean|x|^α) (ASVD; α = statistics.act_scale.alpha)"),
+    "fisher": Space("fisher", _diagonal,
+                    "Fisher-weighted scaling, S = diag(√(Σ_i F_ij)^α) (FWSVD; α = statistics.fisher.alpha)"),
+}
+
+
+def input_factor(kind: str, name: str, stats: dict[str, Any], damping: float,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``S`` of target ``name`` in whitening ``kind``, from the loaded statistics ``stats[stat kind]``."""
+    if kind not in SPACES:
+        raise ValueError(f"unknown whitening {kind!r}; choose one of {sorted(SPACES)}")
+    space = SPACES[kind]
+    if space.stat is not None and space.stat not in stats:
+        raise ValueError(f"whitening {kind!r} needs the {space.stat!r} statistics")
+    return space.factor(name, stats.get(space.stat) if space.stat else None, damping, device)

@@ -1,0 +1,45 @@
+from lowrank.calibration import STATS
+
+# lowrank modules each statistic kind runs beyond the shared streaming code (for the code fingerprint)
+STAT_MODULES = {
+    "fisher": ("gradients",),
+    "asvd_sensitivity": ("sensitivity", "allocation", "gradients", "spaces", "whitening"),
+}
+
+
+def stat_options(wc):
+    """The statistic's own config slice; ASVD's sensitivity also reads the act_scale exponent it truncates with."""
+    options = dict(config["statistics"].get(wc.stat, {}))
+    if wc.stat == "asvd_sensitivity":
+        options["alpha"] = config["statistics"]["act_scale"]["alpha"]
+    return options
+
+
+rule calibration_stats:
+    """Calibration statistics of the source model (input_gram, act_scale: streamed block by block; fisher: one
+    backward per statistics.fisher.windows_per_backward windows; asvd_sensitivity: #targets x #ratios partial
+    forwards); shared by every method and ratio."""
+    input:
+        manifest="results/{model}/{source}/manifest.json",
+        windows="results/{model}/data/calibration.safetensors",
+    output:
+        "results/{model}/{source}/stats/{stat}.safetensors",
+    params:
+        stat=lambda wc: wc.stat,
+        options=stat_options,
+        batch_size=config["calibration"]["batch_size"],
+        runtime=runtime_spec,
+        core=lambda wc: core_fingerprint("calibration", "model", "factorized", "accounting",
+                                         *STAT_MODULES.get(wc.stat, ())),
+    wildcard_constraints:
+        stat="|".join(STATS),
+    log:
+        "logs/calibration_stats/{model}/{source}/{stat}.log",
+    benchmark:
+        "benchmarks/calibration_stats/{model}/{source}/{stat}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for,
+        runtime=runtime_min_for,
+    script:
+        "../scripts/calibration_stats.py"

@@ -1,0 +1,159 @@
+# Validation, wildcard constraints and the helpers every rule uses. No rules here.
+
+import hashlib
+import re
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+import lowrank.data
+import lowrank.model
+from lowrank.scoring import SCORERS
+from lowrank.spaces import SPACES
+
+RESERVED = {"pretrained", "prehab", "data", "summary", "dense"}
+REPO = Path(workflow.basedir)
+
+
+def _check_config():
+    """Checks that need Python: each raises ValueError naming the bad value and the fix."""
+    for name, m in config["methods"].items():
+        if name in RESERVED:
+            raise ValueError(f"method name {name!r} is reserved for a results folder; rename it")
+        if m["allocator"] != "uniform" and m["scorer"] == "sigma":
+            raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
+                             "their predicted loss change; use scorer first_order (sigma values of different "
+                             "matrices are not comparable)")
+    labels = [ratio_label(r) for r in config["ratios"]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"ratios {config['ratios']} collide at two decimals ({labels}); use distinct values")
+    for name, spec in config["models"].items():
+        try:
+            lowrank.model.resolve_source(spec)
+        except (FileNotFoundError, KeyError) as e:
+            raise ValueError(f"models.{name}: {e}") from None
+    lowrank.data.check_disjoint(config["calibration"]["corpus"], config["evaluation"]["corpus"])
+
+
+def ratio_label(r):
+    return f"{float(r):.2f}"
+
+
+_check_config()
+
+MODELS = list(config["models"])
+METHODS = list(config["methods"])
+RATIOS = [ratio_label(r) for r in config["ratios"]]
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)),
+    method="|".join(map(re.escape, METHODS)),
+    ratio=r"[01]\.\d\d",
+    source="pretrained",
+    split="calibration|evaluation",
+    stage=r"\d+",
+
+
+# ---- config slices: each rule's params hold only what can change its output -------------------------------
+
+
+def core_fingerprint(*modules):
+    """Short sha256 of the lowrank modules a rule runs: editing one reruns exactly the rules that use it."""
+    h = hashlib.sha256()
+    for m in sorted(set(modules) | {"runtime", "io"}):
+        h.update((REPO / "lowrank" / f"{m}.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def model_spec(wc):
+    return config["models"][wc.model]
+
+
+def method_spec(wc):
+    return config["methods"][wc.method]
+
+
+def split_spec(wc):
+    return config[wc.split]
+
+
+def runtime_spec(wc=None):
+    return config["runtime"]
+
+
+def calibration_slice(wc):
+    c = config["calibration"]
+    return {k: c[k] for k in ("n_samples", "seq_len", "seed", "batch_size", "bos", "corpus")}
+
+
+def ratio_value(wc):
+    return float(wc.ratio)
+
+
+# ---- what each method needs -----------------------------------------------------------------------------
+
+
+def whitening_stats(whitening, model, source="pretrained"):
+    """{stat kind: path} of the statistics a whitening space reads."""
+    stat = SPACES[whitening].stat
+    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors"} if stat else {}
+
+
+def stats_for_method(wc):
+    return whitening_stats(method_spec(wc)["whitening"], wc.model)
+
+
+def scores_for(wc):
+    m = method_spec(wc)
+    return f"results/{wc.model}/pretrained/scores/{m['whitening']}/{m['scorer']}.safetensors"
+
+
+def scoring_inputs(wc):
+    """Statistics of the whitening space, and the calibration windows when the scorer needs gradients."""
+    inputs = whitening_stats(wc.whitening, wc.model, wc.source)
+    if SCORERS[wc.scorer].needs_gradients:
+        inputs["windows"] = f"results/{wc.model}/data/calibration.safetensors"
+    return inputs
+
+
+def scoring_options(wc):
+    """The gradient options, only for scorers that take gradients (so sigma scores never rerun for them)."""
+    return config["scoring"] if SCORERS[wc.scorer].needs_gradients else {}
+
+
+def stages_of(method):
+    return config["methods"][method]["correction"]["stages"]
+
+
+def final_compressed(wc):
+    """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections."""
+    return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
+
+
+def previous_stage(wc):
+    return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{int(wc.stage) - 1}/manifest.json"
+
+
+# ---- resources (cluster profiles read these; a laptop ignores them) ---------------------------------------
+
+
+def mem_mb_for(wc, attempt):
+    size_b = config["models"][wc.model]["size_b"]
+    return int(max(4000, size_b * 1000 * 4 * 3) * attempt)  # fp32 weights x3 headroom
+
+
+def runtime_min_for(wc, attempt):
+    size_b = config["models"][wc.model]["size_b"]
+    return int(max(30, 30 * size_b) * attempt)
+
+
+# ---- targets ------------------------------------------------------------------------------------------------
+
+
+def final_targets():
+    return ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
+            "results/summary/plots/ppl_vs_ratio.png", "results/summary/ranks.csv",
+            "results/summary/plots/ranks.png"]

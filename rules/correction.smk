@@ -1,0 +1,28 @@
+rule correct:
+    """Projected correction of stage {stage}-1 toward the teacher, then re-truncation to the same ranks."""
+    input:
+        unpack(stats_for_method),
+        previous=previous_stage,
+        manifest="results/{model}/pretrained/manifest.json",
+        windows="results/{model}/data/calibration.safetensors",
+    output:
+        factors="results/{model}/{method}/{ratio}/stage{stage}/factors.safetensors",
+        manifest="results/{model}/{method}/{ratio}/stage{stage}/manifest.json",
+    params:
+        method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "correction")},
+        damping=config["whitening"]["damping"],
+        runtime=runtime_spec,
+        core=core_fingerprint("correction", "gradients", "truncation", "spaces", "whitening", "checkpoint",
+                              "calibration", "model", "factorized", "accounting"),
+    wildcard_constraints:
+        stage=r"[1-9]\d*",
+    log:
+        "logs/correct/{model}/{method}/{ratio}/stage{stage}.log",
+    benchmark:
+        "benchmarks/correct/{model}/{method}/{ratio}/stage{stage}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for,
+        runtime=runtime_min_for,
+    script:
+        "../scripts/correct.py"

@@ -1,0 +1,28 @@
+rule score_components:
+    """Per-component scores of every target in one whitening space (ratio-independent, shared by every ratio)."""
+    input:
+        unpack(scoring_inputs),
+        manifest="results/{model}/{source}/manifest.json",
+    output:
+        "results/{model}/{source}/scores/{whitening}/{scorer}.safetensors",
+    params:
+        scorer=lambda wc: wc.scorer,
+        whitening=lambda wc: wc.whitening,
+        damping=config["whitening"]["damping"],
+        scoring=scoring_options,
+        runtime=runtime_spec,
+        core=core_fingerprint("scoring", "gradients", "spaces", "whitening", "calibration", "model", "factorized",
+                              "accounting"),
+    wildcard_constraints:
+        scorer="|".join(SCORERS),
+        whitening="|".join(SPACES),
+    log:
+        "logs/score_components/{model}/{source}/{whitening}/{scorer}.log",
+    benchmark:
+        "benchmarks/score_components/{model}/{source}/{whitening}/{scorer}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for,
+        runtime=runtime_min_for,
+    script:
+        "../scripts/score_components.py"

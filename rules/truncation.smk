@@ -1,0 +1,25 @@
+rule truncate:
+    """Low-rank factors of every allocated target in the method's whitening space (stage 0)."""
+    input:
+        unpack(stats_for_method),
+        manifest="results/{model}/pretrained/manifest.json",
+        allocation="results/{model}/{method}/{ratio}/allocation.json",
+    output:
+        factors="results/{model}/{method}/{ratio}/stage0/factors.safetensors",
+        manifest="results/{model}/{method}/{ratio}/stage0/manifest.json",
+    params:
+        method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "scorer", "allocator")},
+        damping=config["whitening"]["damping"],
+        runtime=runtime_spec,
+        core=core_fingerprint("truncation", "spaces", "whitening", "checkpoint", "calibration", "model",
+                              "factorized", "accounting", "allocation"),
+    log:
+        "logs/truncate/{model}/{method}/{ratio}.log",
+    benchmark:
+        "benchmarks/truncate/{model}/{method}/{ratio}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for,
+        runtime=runtime_min_for,
+    script:
+        "../scripts/truncate.py"

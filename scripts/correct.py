@@ -1,0 +1,43 @@
+"""Rule correct: one projected correction of stage s-1's factors toward the teacher, re-truncated (stage s)."""
+
+from pathlib import Path
+
+from _adapter import load_stats, stage
+
+from lowrank.checkpoint import load_compressed, save_compressed
+from lowrank.correction import correct_model
+from lowrank.gradients import calibration_loss
+from lowrank.io import load_tensors, read_json
+from lowrank.model import find_targets, linear_weight, load_model
+from lowrank.spaces import input_factor
+
+
+def run(smk) -> None:
+    with stage(smk) as st:
+        method, s = dict(smk.params.method), int(smk.wildcards.stage)
+        corr = dict(method["correction"])
+        teacher_model = load_model(smk.input.manifest, dtype=st.dtype)
+        targets = find_targets(teacher_model)
+        teacher = {t.name: linear_weight(teacher_model.get_submodule(t.name)).detach() for t in targets}
+        del teacher_model
+        model = load_compressed(Path(smk.input.previous).parent, dtype=st.dtype, device=st.device)
+        # each stage draws the next slice of the calibration windows (cycling), as the reference draws afresh
+        all_windows = load_tensors(smk.input.windows)[0]["tokens"]
+        w = min(corr["windows"], len(all_windows))
+        start = ((s - 1) * w) % len(all_windows)
+        windows = all_windows.roll(-start, dims=0)[:w]
+        stats = load_stats(smk)
+        report, before = correct_model(
+            model, teacher, targets, windows, corr["batch_size"],
+            lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device)
+        after = calibration_loss(model, windows, corr["batch_size"], st.device)
+        st.log.info("stage %d: calibration loss on its %d windows %.4f -> %.4f", s, w, before, after)
+        previous = read_json(smk.input.previous)
+        save_compressed(Path(smk.output.manifest).parent, model, smk.input.manifest, {
+            "method": smk.wildcards.method, "ratio": float(smk.wildcards.ratio), "stage": s, "recipe": method,
+            "damping": smk.params.damping, "seed": previous.get("seed"),
+            "calibration_loss_before": before, "calibration_loss_after": after, "targets": report})
+
+
+if "snakemake" in globals():
+    run(snakemake)

@@ -1,0 +1,35 @@
+"""Rule summarize: long-format results table, markdown table, DVC metrics and the perplexity plot."""
+
+from _adapter import stage
+
+from lowrank.io import atomic_path, read_json, write_json
+from lowrank.report import metrics_tree, plot_ppl, plot_ranks, ppl_pivot, ranks_table, results_table, wide_ppl
+
+
+def run(smk) -> None:
+    with stage(smk) as st:
+        dense = [read_json(p) for p in smk.input.dense]
+        compressed = [read_json(p) for p in smk.input.compressed]
+        allocations = [read_json(p) for p in smk.input.allocations]
+        # both lists were expanded over the same (model, method, ratio) product, so they pair up in order
+        table = results_table(dense, list(zip(compressed, allocations)))
+        with atomic_path(smk.output.table) as tmp:
+            table.to_csv(tmp, index=False)
+        wide = wide_ppl(table)
+        with atomic_path(smk.output.markdown) as tmp:
+            pivot = ppl_pivot(table)
+            pivot = pivot.astype(object).where(pivot.notna(), None)  # blank cells, not "nan"
+            tmp.write_text(pivot.to_markdown(index=False, floatfmt=".2f", missingval="") + "\n")
+        with atomic_path(smk.output.plot_data) as tmp:
+            wide.to_csv(tmp, index=False)
+        write_json(smk.output.metrics, metrics_tree(table))
+        ranks = ranks_table([(r["model"], r["method"], float(r["ratio"]), a) for r, a in zip(compressed, allocations)])
+        with atomic_path(smk.output.ranks) as tmp:
+            ranks.to_csv(tmp, index=False)
+        plot_ranks(ranks, smk.output.ranks_plot)
+        plot_ppl(table, smk.output.plot)
+        st.log.info("perplexity by method and kept fraction:\n%s", ppl_pivot(table).to_string(index=False))
+
+
+if "snakemake" in globals():
+    run(snakemake)

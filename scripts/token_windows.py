@@ -1,0 +1,30 @@
+"""Rule token_windows: calibration windows (seeded offsets) or evaluation windows (held out, non-overlapping)."""
+
+from _adapter import stage
+
+from lowrank.data import calibration_windows, evaluation_windows, token_stream
+from lowrank.io import read_json, save_tensors
+from lowrank.model import load_tokenizer
+
+
+def run(smk) -> None:
+    with stage(smk) as st:
+        spec, split = dict(smk.params.spec), smk.params.split
+        corpus = dict(spec["corpus"])
+        tok = None if corpus["kind"] == "tokens" else load_tokenizer(smk.input.manifest)
+        stream = token_stream(corpus, tok)
+        vocab = read_json(smk.input.manifest)["architecture"]["vocab_size"]
+        if int(stream.max()) >= vocab:
+            raise ValueError(f"{split} corpus has token id {int(stream.max())} >= the model's vocabulary {vocab}")
+        if split == "calibration":
+            bos = tok.bos_token_id if (spec["bos"] and tok is not None) else None
+            windows = calibration_windows(stream, spec["n_samples"], spec["seq_len"], spec["seed"], bos)
+        else:
+            windows = evaluation_windows(stream, spec["seq_len"], spec["max_windows"])
+        st.log.info("%s: %d windows x %d tokens from a %d-token stream", split, *windows.shape, stream.numel())
+        save_tensors(smk.output[0], {"tokens": windows},
+                     {"split": split, "corpus": corpus, "stream_tokens": stream.numel()})
+
+
+if "snakemake" in globals():
+    run(snakemake)

@@ -1,0 +1,33 @@
+"""Rule truncate: replace every allocated target by its low-rank factors and store them (stage 0)."""
+
+from pathlib import Path
+
+from _adapter import load_stats, stage
+
+from lowrank.allocation import Allocation
+from lowrank.checkpoint import save_compressed
+from lowrank.io import config_hash, read_json
+from lowrank.model import find_targets, load_model
+from lowrank.truncation import truncate_model
+
+
+def run(smk) -> None:
+    with stage(smk) as st:
+        method = dict(smk.params.method)
+        model = load_model(smk.input.manifest, dtype=st.dtype)
+        alloc = Allocation.from_json(read_json(smk.input.allocation))
+        stats = load_stats(smk)
+        report = truncate_model(model, find_targets(model), alloc.ranks, method["whitening"], stats,
+                                smk.params.damping, st.device)
+        methods = getattr(stats.get("input_gram"), "factor_methods", {})
+        fallbacks = {g: m for g, m in methods.items() if m != "cholesky"}
+        st.log.info("%d targets factored; whitening fallbacks: %s", sum(r["rank"] is not None for r in
+                                                                        report.values()), fallbacks or "none")
+        save_compressed(Path(smk.output.manifest).parent, model, smk.input.manifest, {
+            "method": smk.wildcards.method, "ratio": float(smk.wildcards.ratio), "stage": 0, "recipe": method,
+            "damping": smk.params.damping, "config_hash": config_hash(method),
+            "seed": dict(smk.params.runtime).get("seed", 0), "whitening_fallbacks": fallbacks, "targets": report})
+
+
+if "snakemake" in globals():
+    run(snakemake)

@@ -1,0 +1,131 @@
+"""lowrank.correction: the projected step ``W_k + (⟨g, δ⟩/⟨g, g⟩) g`` and one correction of a truncated model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowrank.allocation import allocate
+from lowrank.calibration import collect_input_grams
+from lowrank.checkpoint import factor_state
+from lowrank.correction import correct_model, projected_step
+from lowrank.factorized import LowRankLinear
+from lowrank.gradients import calibration_gradients, calibration_loss
+from lowrank.model import find_targets, linear_weight
+from lowrank.spaces import input_factor
+from lowrank.truncation import truncate, truncate_model
+
+
+def _mats(seed: int = 0, shape=(6, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) for _ in range(3))  # float32, like module weights
+
+
+def test_projected_step_formula_and_first_order_identity():
+    W_k, W_T, g = _mats()
+    new = projected_step(W_k, W_T, g)
+    assert new.dtype == torch.float64 and new.shape == W_k.shape
+    Wk, WT, g64 = W_k.double(), W_T.double(), g.double()
+    alpha = float((g64 * (WT - Wk)).sum() / (g64 * g64).sum())
+    torch.testing.assert_close(new, Wk + alpha * g64, rtol=0, atol=1e-12)
+    # same first-order loss change as jumping to the teacher: ⟨g, W_new − W_k⟩ = ⟨g, W_T − W_k⟩
+    lhs, rhs = float((g64 * (new - Wk)).sum()), float((g64 * (WT - Wk)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+    # ... with the smallest step that does so (the projection of δ on g): ‖ΔW'‖ = |⟨g, δ⟩|/‖g‖ <= ‖δ‖
+    step = float(torch.linalg.matrix_norm(new - Wk))
+    assert step == pytest.approx(abs(rhs) / float(torch.linalg.matrix_norm(g64)), rel=1e-12)
+    assert step < float(torch.linalg.matrix_norm(WT - Wk))
+    # the step is along g: the residual δ − ΔW' is orthogonal to g
+    assert float((g64 * (WT - new)).sum()) == pytest.approx(0.0, abs=1e-12 * abs(rhs))
+
+
+def test_projected_step_scale_free_in_g():
+    """Only the direction of g matters: scaling g by 1e-6 or −3 gives the same step."""
+    W_k, W_T, g = _mats(1)
+    ref = projected_step(W_k, W_T, g)
+    torch.testing.assert_close(projected_step(W_k, W_T, 1e-6 * g.double()), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(projected_step(W_k, W_T, -3 * g.double()), ref, rtol=0, atol=1e-12)
+
+
+def test_projected_step_zero_gradient_returns_W_k():
+    W_k, W_T, _ = _mats(2)
+    new = projected_step(W_k, W_T, torch.zeros_like(W_k))
+    assert new.dtype == torch.float64
+    assert torch.equal(new, W_k.double())
+    new[0, 0] += 1.0  # a copy, not a view of the caller's weight
+    assert float(W_k[0, 0]) != float(new[0, 0])
+
+
+@pytest.fixture
+def truncated(tiny_llama, token_windows):
+    """The tiny LLaMA truncated in the input_gram space, uniform 0.5, except one target kept dense."""
+    model = tiny_llama
+    targets = find_targets(model)
+    teacher = {t.name: linear_weight(model.get_submodule(t.name)).detach().clone() for t in targets}
+    teacher_loss = calibration_loss(model, token_windows, 4)
+    stats = {"input_gram": collect_input_grams(model, token_windows, 4, torch.device("cpu"), targets)}
+    ranks = dict(allocate("uniform", {t.name: t.shape for t in targets}, 0.5).ranks)
+    ranks[targets[2].name] = None  # layer 0 v_proj stays dense: the correction must leave it alone
+    truncate_model(model, targets, ranks, "input_gram", stats, damping=1e-6)
+    return {"model": model, "targets": targets, "teacher": teacher, "stats": stats, "ranks": ranks,
+            "windows": token_windows, "teacher_loss": teacher_loss}
+
+
+def test_correct_model_lowers_loss_and_keeps_ranks(truncated):
+    model, targets, windows, stats = truncated["model"], truncated["targets"], truncated["windows"], truncated["stats"]
+    factored = {n: r for n, r in truncated["ranks"].items() if r is not None}
+    dense_name = targets[2].name
+    dense_before = model.get_submodule(dense_name).weight.detach().clone()
+    compressed_loss = calibration_loss(model, windows, 2)
+    # teacher 5.5402, truncated 5.5477 on these windows: compression raised the loss
+    assert compressed_loss > truncated["teacher_loss"]
+    # the reference: the step and re-truncation computed here from gradients at the compressed weights
+    dense_copy = copy.deepcopy(model)
+    for n in factored:
+        mod = dense_copy.get_submodule(n)
+        dense_copy.set_submodule(n, mod.to_dense())
+    grads = calibration_gradients(dense_copy, windows, 2, "cpu", [t for t in targets if t.name in factored])
+
+    report, before = correct_model(model, truncated["teacher"], targets, windows, 2,
+                                   lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu")
+    after = calibration_loss(model, windows, 2)
+    # loss_before is the loss at the compressed weights (same batches: float32 round-off only)
+    assert before == pytest.approx(compressed_loss, rel=1e-6)
+    # one correction lowers the calibration loss (measured 5.54767 -> 5.54374, i.e. -3.9e-3, about half the
+    # first-order prediction Σ⟨g, δ⟩ = -7.5e-3 of the un-truncated step)
+    assert after < before
+    assert sum(r["predicted_delta_loss"] for r in report.values()) < 0
+    # ranks preserved, LowRankLinear at every factored target, the dense target untouched
+    _, ranks_after = factor_state(model)
+    assert ranks_after == factored
+    assert set(report) == set(factored)
+    for name, k in factored.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, LowRankLinear) and mod.rank == k and mod.up.weight.dtype == torch.float32
+    assert isinstance(model.get_submodule(dense_name), torch.nn.Linear)
+    assert torch.equal(model.get_submodule(dense_name).weight, dense_before)
+    # each factored weight is the rank-k whitened truncation of the projected step
+    for t in targets:
+        if t.name not in factored:
+            continue
+        W_k = dense_copy.get_submodule(t.name).weight.detach()
+        W_T, g = truncated["teacher"][t.name], grads.G[t.name]
+        delta = W_T.double() - W_k.double()
+        assert report[t.name]["predicted_delta_loss"] == pytest.approx(float((g * delta).sum()), rel=1e-9)
+        assert report[t.name]["alpha"] == pytest.approx(float((g * delta).sum() / (g * g).sum()), rel=1e-9)
+        S = input_factor("input_gram", t.name, stats, 1e-6)
+        f = truncate(projected_step(W_k, W_T, g), factored[t.name], S)
+        # float32 storage of factors of weights ~0.02-0.1: 1e-6 absolute is round-off
+        torch.testing.assert_close(model.get_submodule(t.name).weight.double(), f.A @ f.B, rtol=0, atol=1e-6)
+
+
+def test_correct_model_on_dense_model_changes_nothing(tiny_llama, token_windows):
+    targets = find_targets(tiny_llama)
+    teacher = {t.name: linear_weight(tiny_llama.get_submodule(t.name)).detach().clone() for t in targets}
+    report, before = correct_model(tiny_llama, teacher, targets, token_windows, 4, lambda name: None, "cpu")
+    assert report == {}
+    assert before == pytest.approx(calibration_loss(tiny_llama, token_windows, 4), rel=1e-6)
+    for t in targets:
+        assert torch.equal(linear_weight(tiny_llama.get_submodule(t.name)), teacher[t.name])

@@ -1,0 +1,128 @@
+"""Config validation: the schema is the single definition of keys; typos and bad values fail loudly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from wf import REPO, planned_jobs, snakemake, tiny_config, write_workdir
+
+SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
+
+
+def schema() -> dict:
+    return yaml.safe_load(open(SCHEMA))
+
+
+def test_default_config_is_valid_and_defaults_are_filled() -> None:
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate(cfg, SCHEMA)
+    assert cfg["ratios"] == [0.8, 0.6, 0.4]
+    assert cfg["models"]["smollm2-135m"]["source"] == "gguf_package"
+    tiny = tiny_config()
+    validate(tiny, SCHEMA)
+    assert tiny["whitening"]["damping"] == 1e-6  # filled from the schema default
+    assert tiny["calibration"]["seed"] == 3
+
+
+@pytest.mark.parametrize("path", [("ratioss",), ("calibration", "n_sample"), ("methods", "svd", "scorr")])
+def test_misspelt_key_is_rejected_by_name(path: tuple[str, ...]) -> None:
+    cfg = tiny_config()
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = 1
+    with pytest.raises(WorkflowError, match=path[-1]):
+        validate(cfg, SCHEMA)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.2, 1.5])
+def test_ratio_outside_unit_interval_is_rejected(bad: float) -> None:
+    cfg = tiny_config()
+    cfg["ratios"] = [0.5, bad]
+    with pytest.raises(WorkflowError, match="ratios"):
+        validate(cfg, SCHEMA)
+
+
+def test_ratio_one_is_accepted() -> None:
+    cfg = tiny_config()
+    cfg["ratios"] = [1.0]
+    validate(cfg, SCHEMA)
+
+
+def test_enums_equal_the_registries() -> None:
+    from lowrank.allocation import ALLOCATORS
+    from lowrank.calibration import STAT_LOADERS, STATS
+    from lowrank.scoring import SCORERS
+    from lowrank.spaces import SPACES
+
+    method = schema()["$defs"]["method"]["properties"]
+    assert set(method["scorer"]["enum"]) == set(SCORERS)
+    assert set(method["allocator"]["enum"]) == set(ALLOCATORS)
+    assert set(method["whitening"]["enum"]) == set(SPACES)
+    assert {s.stat for s in SPACES.values() if s.stat} <= set(STATS) == set(STAT_LOADERS)
+
+
+def _dry_run_error(tmp_path, mutate) -> str:
+    cfg = tiny_config()
+    mutate(cfg)
+    wd = write_workdir(tmp_path / "run", cfg)
+    proc = snakemake(wd, "-n", check=False)
+    assert proc.returncode != 0
+    assert not (wd / "results").exists(), "a rejected config must not leave artifacts"
+    return proc.stdout + proc.stderr
+
+
+def test_typo_fails_the_workflow_with_the_key_named(tmp_path) -> None:
+    out = _dry_run_error(tmp_path, lambda c: c.update(ratioz=[0.5]))
+    assert "ratioz" in out
+
+
+def test_greedy_allocator_needs_comparable_scores(tmp_path) -> None:
+    def mutate(c):
+        c["methods"]["svd"]["allocator"] = "zero_sum"
+
+    out = _dry_run_error(tmp_path, mutate)
+    assert "method 'svd'" in out and "first_order" in out
+
+
+def test_missing_model_folder_is_named(tmp_path) -> None:
+    def mutate(c):
+        c["models"] = {"gone": {"source": "hf", "path": str(tmp_path / "no-such-model")}}
+
+    out = _dry_run_error(tmp_path, mutate)
+    assert "no-such-model" in out and "models.gone" in out
+
+
+def test_missing_corpus_file_is_named(tmp_path) -> None:
+    def mutate(c):
+        c["evaluation"]["corpus"] = {"kind": "text_files", "paths": [str(tmp_path / "absent*.txt")]}
+
+    out = _dry_run_error(tmp_path, mutate)
+    assert "absent*.txt" in out
+
+
+def test_overlapping_calibration_and_evaluation_text_is_rejected(tmp_path) -> None:
+    def mutate(c):
+        c["evaluation"]["corpus"] = copy.deepcopy(c["calibration"]["corpus"])
+
+    out = _dry_run_error(tmp_path, mutate)
+    assert "overlap" in out
+
+
+def test_reserved_method_name_is_rejected(tmp_path) -> None:
+    out = _dry_run_error(tmp_path, lambda c: c["methods"].update(dense=dict(c["methods"]["svd"])))
+    assert "reserved" in out
+
+
+def test_dry_run_plans_one_statistics_job_for_all_methods_and_ratios(workdir) -> None:
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    # 3 methods x 2 ratios share one input-gram job and one token-window job per split; scores are per
+    # (whitening, scorer): none/sigma, input_gram/sigma, input_gram/first_order; zs-svd adds one correction stage
+    assert jobs == {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "score_components": 3,
+                    "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
+                    "summarize": 1}
