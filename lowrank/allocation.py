@@ -98,8 +98,9 @@ def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: d
     stay dense. The ZS-SVD reference adds the ΔL of such reverted selections to ``s`` (so the applied set is not
     zero-sum); here a matrix's ΔL enter ``s`` only when it crosses ``r*``, so ``s`` is exactly the predicted loss
     change of the returned ranks. Selection stops as soon as the credit reaches ``D − ⌊ρ D⌋``: the kept count is
-    at most ``⌊ρ D⌋`` and at least ``⌊ρ D⌋ − max(m + n)``. Ties break by insertion order (deterministic).
-    Returns the ranks and the committed running sum after each accepted removal.
+    at most ``⌊ρ D⌋`` and at least ``⌊ρ D⌋ − max(m + n)``. Equal ``|ΔL|`` break by the order candidates were
+    pushed (deterministic). Returns the ranks and the committed running sum after each committing step (a
+    dead-zone selection commits nothing until its matrix reaches ``r*``).
     """
     import heapq
 
