@@ -16,8 +16,8 @@ import torch
 
 from .accounting import Budget, TargetShape, breakeven_rank, dense_params, stored_params
 
-__all__ = ["Allocation", "ALLOCATORS", "allocate", "allocate_uniform", "allocate_zero_sum", "allocate_min_abs",
-           "greedy_ranks"]
+__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "allocate_uniform", "allocate_zero_sum",
+           "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,30 @@ def allocate_min_abs(shapes: dict[str, TargetShape], kept_fraction: float,
     return greedy_ranks(shapes, kept_fraction, scores, "min_abs", min_rank_fraction)[0]
 
 
+def allocate_sensitivity(shapes: dict[str, TargetShape], kept_fraction: float,
+                         scores: dict[str, torch.Tensor] | None = None, sensitivity: Any = None,
+                         **_: Any) -> dict[str, int | None]:
+    """ASVD's rank choice: binary search over the per-target sensitivity table (:mod:`lowrank.sensitivity`)."""
+    if sensitivity is None:
+        raise ValueError("allocator sensitivity needs the asvd_sensitivity statistics")
+    from .sensitivity import sensitivity_ranks  # sensitivity builds on this module
+
+    return sensitivity_ranks(shapes, sensitivity, kept_fraction)
+
+
 ALLOCATORS: dict[str, Callable[..., dict[str, int | None]]] = {
     "uniform": allocate_uniform,
     "zero_sum": allocate_zero_sum,
     "min_abs": allocate_min_abs,
+    "sensitivity": allocate_sensitivity,
 }
+# the calibration statistic an allocator reads (besides the scores)
+ALLOCATOR_STATS: dict[str, str] = {"sensitivity": "asvd_sensitivity"}
 
 
 def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: float,
-             scores: dict[str, torch.Tensor] | None = None, min_rank_fraction: float = 0.0) -> Allocation:
+             scores: dict[str, torch.Tensor] | None = None, min_rank_fraction: float = 0.0,
+             stats: dict[str, Any] | None = None) -> Allocation:
     """Run the named allocator and check the result against the budget.
 
     ``min_rank_fraction`` is the greedy allocators' per-matrix rank floor ``⌈f · r*⌉`` (ZS-SVD's
@@ -202,6 +217,11 @@ def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: floa
     budget = Budget(kept_fraction, sum(dense_params(s) for s in shapes.values()))
     if allocator == "uniform":
         ranks = allocate_uniform(shapes, kept_fraction, scores)
+    elif allocator in ALLOCATOR_STATS:
+        stat = ALLOCATOR_STATS[allocator]
+        if not stats or stat not in stats:
+            raise ValueError(f"allocator {allocator!r} needs the {stat!r} statistics")
+        ranks = ALLOCATORS[allocator](shapes, kept_fraction, scores, sensitivity=stats[stat])
     else:
         ranks = ALLOCATORS[allocator](shapes, kept_fraction, scores, min_rank_fraction=min_rank_fraction)
     alloc = Allocation(budget=budget, ranks=ranks, shapes=dict(shapes))

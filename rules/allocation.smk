@@ -1,6 +1,7 @@
 rule allocate:
     """Ranks per target under the parameter budget of {ratio} (kept fraction of target parameters)."""
     input:
+        unpack(allocator_stats),
         scores=scores_for,
     output:
         "results/{model}/{method}/{ratio}/allocation.json",

@@ -10,6 +10,7 @@ validate(config, "../schemas/config.schema.yaml")
 
 import lowrank.data
 import lowrank.model
+from lowrank.allocation import ALLOCATOR_STATS
 from lowrank.scoring import SCORERS
 from lowrank.spaces import SPACES
 
@@ -22,7 +23,7 @@ def _check_config():
     for name, m in config["methods"].items():
         if name in RESERVED:
             raise ValueError(f"method name {name!r} is reserved for a results folder; rename it")
-        if m["allocator"] != "uniform" and m["scorer"] == "sigma":
+        if m["allocator"] in ("zero_sum", "min_abs") and m["scorer"] == "sigma":
             raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
                              "their predicted loss change; use scorer first_order (sigma values of different "
                              "matrices are not comparable)")
@@ -104,6 +105,12 @@ def whitening_stats(whitening, model, source="pretrained"):
 
 def stats_for_method(wc):
     return whitening_stats(method_spec(wc)["whitening"], wc.model)
+
+
+def allocator_stats(wc):
+    """The statistic an allocator reads besides the scores (ASVD's sensitivity table), if any."""
+    stat = ALLOCATOR_STATS.get(method_spec(wc)["allocator"])
+    return {stat: f"results/{wc.model}/pretrained/stats/{stat}.safetensors"} if stat else {}
 
 
 def scores_for(wc):

@@ -1,6 +1,6 @@
 """Rule allocate: ranks per target for one kept fraction, and the parameter accounting of that choice."""
 
-from _adapter import stage
+from _adapter import load_stats, stage
 
 from lowrank.accounting import TargetShape
 from lowrank.allocation import allocate
@@ -13,7 +13,8 @@ def run(smk) -> None:
         scores = {k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")}
         sigmas = {k[len("sigma."):]: v for k, v in tensors.items() if k.startswith("sigma.")}
         shapes = {n: TargetShape(*v) for n, v in meta["targets"].items()}
-        alloc = allocate(smk.params.allocator, shapes, smk.params.ratio, scores, smk.params.min_rank_fraction)
+        alloc = allocate(smk.params.allocator, shapes, smk.params.ratio, scores, smk.params.min_rank_fraction,
+                         load_stats(smk))
         body = {"allocator": smk.params.allocator, "scorer": meta["scorer"], "whitening": meta["whitening"],
                 "predicted_delta_loss": sum(float(scores[n][r:].sum()) for n, r in alloc.ranks.items()
                                             if r is not None) if meta["scorer"] != "sigma" else None,

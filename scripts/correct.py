@@ -6,7 +6,6 @@ from _adapter import load_stats, stage
 
 from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.correction import correct_model
-from lowrank.gradients import calibration_loss
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, linear_weight, load_model
 from lowrank.spaces import input_factor
@@ -27,16 +26,18 @@ def run(smk) -> None:
         start = ((s - 1) * w) % len(all_windows)
         windows = all_windows.roll(-start, dims=0)[:w]
         stats = load_stats(smk)
-        report, before = correct_model(
+        res = correct_model(
             model, teacher, targets, windows, corr["batch_size"],
-            lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device)
-        after = calibration_loss(model, windows, corr["batch_size"], st.device)
-        st.log.info("stage %d: calibration loss on its %d windows %.4f -> %.4f", s, w, before, after)
+            lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device,
+            backtrack=corr["backtrack"])
+        st.log.info("stage %d: calibration loss on its %d windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
+                    res.loss_before, res.loss_after, res.scale, res.trials)
         previous = read_json(smk.input.previous)
         save_compressed(Path(smk.output.manifest).parent, model, smk.input.manifest, {
             "method": smk.wildcards.method, "ratio": float(smk.wildcards.ratio), "stage": s, "recipe": method,
             "damping": smk.params.damping, "seed": previous.get("seed"),
-            "calibration_loss_before": before, "calibration_loss_after": after, "targets": report})
+            "calibration_loss_before": res.loss_before, "calibration_loss_after": res.loss_after,
+            "step_scale": res.scale, "step_trials": res.trials, "targets": res.targets})
 
 
 if "snakemake" in globals():

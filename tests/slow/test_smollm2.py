@@ -49,7 +49,7 @@ def test_svd_llm_perplexity_is_far_below_plain_svd(smollm2) -> None:
     ppl = {}
     for whitening in ("none", "input_gram"):
         m = copy.deepcopy(model)
-        truncate_model(m, targets, alloc.ranks, whitening, grams)
+        truncate_model(m, targets, alloc.ranks, whitening, {"input_gram": grams})
         ppl[whitening] = perplexity(m, evalw, batch_size=4)["ppl"]
     print(f"SmolLM2 kept 0.80: dense {dense:.2f}, plain SVD {ppl['none']:.1f}, SVD-LLM {ppl['input_gram']:.2f}")
     assert ppl["input_gram"] > dense

@@ -88,9 +88,12 @@ def test_correct_model_lowers_loss_and_keeps_ranks(truncated):
         dense_copy.set_submodule(n, mod.to_dense())
     grads = calibration_gradients(dense_copy, windows, 2, "cpu", [t for t in targets if t.name in factored])
 
-    report, before = correct_model(model, truncated["teacher"], targets, windows, 2,
-                                   lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu")
+    res = correct_model(model, truncated["teacher"], targets, windows, 2,
+                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu")
+    report, before = res.targets, res.loss_before
     after = calibration_loss(model, windows, 2)
+    assert res.scale == 1.0 and res.trials[0][0] == 1.0  # the full step already lowered the loss here
+    assert res.loss_after == pytest.approx(after, rel=1e-9)
     # loss_before is the loss at the compressed weights (same batches: float32 round-off only)
     assert before == pytest.approx(compressed_loss, rel=1e-6)
     # one correction lowers the calibration loss (measured 5.54767 -> 5.54374, i.e. -3.9e-3, about half the
@@ -124,8 +127,30 @@ def test_correct_model_lowers_loss_and_keeps_ranks(truncated):
 def test_correct_model_on_dense_model_changes_nothing(tiny_llama, token_windows):
     targets = find_targets(tiny_llama)
     teacher = {t.name: linear_weight(tiny_llama.get_submodule(t.name)).detach().clone() for t in targets}
-    report, before = correct_model(tiny_llama, teacher, targets, token_windows, 4, lambda name: None, "cpu")
+    res = correct_model(tiny_llama, teacher, targets, token_windows, 4, lambda name: None, "cpu")
+    report, before = res.targets, res.loss_before
     assert report == {}
     assert before == pytest.approx(calibration_loss(tiny_llama, token_windows, 4), rel=1e-6)
     for t in targets:
         assert torch.equal(linear_weight(tiny_llama.get_submodule(t.name)), teacher[t.name])
+
+
+def test_overshooting_step_is_backtracked_and_never_raises_the_loss(truncated):
+    """A teacher far from the compressed weights makes the projected step long enough to overshoot: the
+    safeguard halves it until the loss drops, or keeps the previous factors (scale 0)."""
+    model, targets, windows, stats = truncated["model"], truncated["targets"], truncated["windows"], truncated["stats"]
+    g = torch.Generator().manual_seed(1)
+    far = {n: w + 3.0 * torch.randn(w.shape, generator=g) for n, w in truncated["teacher"].items()}
+    before_weights = {n: model.get_submodule(n).weight.detach().clone() for n, r in truncated["ranks"].items()
+                      if r is not None}
+    res = correct_model(model, far, targets, windows, 2,
+                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu", backtrack=3)
+    assert res.trials[0][1] > res.loss_before  # the full step overshoots
+    assert res.loss_after <= res.loss_before
+    assert res.loss_after == pytest.approx(calibration_loss(model, windows, 2), rel=1e-9)
+    assert [s for s, _ in res.trials] == [1.0, 0.5, 0.25, 0.125][: len(res.trials)]
+    if res.scale == 0.0:  # nothing helped: the previous factors are back (round-off of one re-truncation)
+        for n, W in before_weights.items():
+            torch.testing.assert_close(model.get_submodule(n).weight, W, rtol=0, atol=1e-5)
+    else:
+        assert res.scale < 1.0 and res.loss_after < res.loss_before

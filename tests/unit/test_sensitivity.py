@@ -129,3 +129,19 @@ def test_limits_and_errors() -> None:
         sensitivity_ranks({**shapes, "extra": TargetShape(8, 8)}, sens, 0.8)
     with pytest.raises(ValueError, match="candidate keep ratios"):
         measure_sensitivity(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), 1, CPU, {}, ratios=(0.5, 1.2))
+
+
+def test_allocate_dispatches_the_sensitivity_allocator() -> None:
+    from lowrank.accounting import TargetShape
+    from lowrank.allocation import allocate
+    from lowrank.sensitivity import CANDIDATE_RATIOS, Sensitivity, sensitivity_ranks
+
+    shapes = {"a": TargetShape(16, 16), "b": TargetShape(32, 16)}
+    table = Sensitivity(ppl={"a": torch.linspace(9, 4, 6, dtype=torch.float64),
+                             "b": torch.linspace(20, 5, 6, dtype=torch.float64)},
+                        ratios=CANDIDATE_RATIOS, dense_ppl=3.0, tokens=100, whitening="act_scale")
+    alloc = allocate("sensitivity", shapes, 0.6, None, 0.0, {"asvd_sensitivity": table})
+    assert alloc.ranks == sensitivity_ranks(shapes, table, 0.6)
+    assert alloc.kept_params <= alloc.budget.max_kept_params
+    with pytest.raises(ValueError, match="asvd_sensitivity"):
+        allocate("sensitivity", shapes, 0.6, None, 0.0, {})

@@ -126,3 +126,12 @@ def test_dry_run_plans_one_statistics_job_for_all_methods_and_ratios(workdir) ->
     assert jobs == {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "score_components": 3,
                     "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
                     "summarize": 1}
+
+
+def test_sensitivity_allocator_plans_its_statistics(workdir) -> None:
+    cfg = tiny_config()
+    cfg["methods"] = {"asvd-sens": {"whitening": "act_scale", "scorer": "sigma", "allocator": "sensitivity"}}
+    write_workdir(workdir, cfg)
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    # act_scale for the space, asvd_sensitivity for the allocator
+    assert jobs["calibration_stats"] == 2 and jobs["allocate"] == 2 and jobs["truncate"] == 2
