@@ -40,14 +40,15 @@ def projected_step(W_k: torch.Tensor, W_T: torch.Tensor, g: torch.Tensor, eps: f
 
 
 @torch.no_grad()
-def _densify(model: nn.Module, names: list[str]) -> dict[str, int]:
-    ranks = {}
+def _densify(model: nn.Module, names: list[str]) -> dict[str, LowRankLinear]:
+    """Replace every ``LowRankLinear`` among ``names`` by its dense product; returns the replaced modules."""
+    factored = {}
     for name in names:
         mod = model.get_submodule(name)
         if isinstance(mod, LowRankLinear):
-            ranks[name] = mod.rank
+            factored[name] = mod
             replace_module(model, name, mod.to_dense())
-    return ranks
+    return factored
 
 
 @dataclass
@@ -80,8 +81,8 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
     is therefore scaled by ``1, 1/2, …, 2^-backtrack`` until the re-truncated model's calibration loss on
     ``windows`` is below the loss before; if none is, the previous factors are kept (scale 0).
     """
-    names = [t.name for t in targets]
-    ranks = _densify(model, names)
+    previous = _densify(model, [t.name for t in targets])
+    ranks = {name: mod.rank for name, mod in previous.items()}
     factored = [t for t in targets if t.name in ranks]
     grads = calibration_gradients(model, windows, batch_size, device, targets=factored)
     report: dict[str, dict[str, float]] = {}
@@ -121,5 +122,6 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
             kept_scale, loss_after = scale, loss
             break
     else:
-        apply(0.0)  # W_k has rank k: re-truncating it gives back the previous factors
+        for name, mod in previous.items():  # no scale lowered the loss: put the previous factors back as they were
+            replace_module(model, name, mod)
     return CorrectionResult(report, grads.loss, loss_after, kept_scale, trials)
