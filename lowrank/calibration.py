@@ -434,16 +434,13 @@ def collect_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
         raise ValueError(f"statistics.fisher.windows_per_backward must be >= 1, got {windows_per_backward}")
     targets = targets or find_targets(model)
     used = windows if max_windows is None else windows[:max_windows]
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        grads = calibration_gradients(model, used, windows_per_backward, device, targets=targets, fisher=True)
-    finally:
-        model.to(home)
+    # streamed block by block; only the column sums Σ_i Σ_b g² are accumulated (no m×n Fisher, no G)
+    grads = calibration_gradients(model, used, windows_per_backward, device, targets=targets, fisher="columns",
+                                  need_G=False)
     if grads.fisher is None:  # pragma: no cover - asked for above
         raise RuntimeError("calibration_gradients returned no Fisher information")
     batches = -(-used.shape[0] // windows_per_backward)
-    F = {name: (f.sum(dim=0) / batches).cpu() for name, f in grads.fisher.items()}  # Σ_i mean_b g², [n]
+    F = {name: (f / batches).cpu() for name, f in grads.fisher.items()}  # Σ_i mean_b g², [n]
     return FisherColumns(F=F, batches=batches, tokens=grads.tokens, alpha=alpha, loss=grads.loss)
 
 

@@ -43,8 +43,25 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor,
 
 def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                           device: torch.device | str = "cpu", targets: list[Target] | None = None,
-                          fisher: bool = False) -> TargetGradients:
-    """``∂L/∂W`` for every target over all ``windows``, one forward + one backward per batch."""
+                          fisher: bool | str = False, streamed: bool = True, offload: str = "auto",
+                          need_G: bool = True) -> TargetGradients:
+    """``∂L/∂W`` for every target over all ``windows``, one forward + one backward per batch.
+
+    ``streamed`` (default): block by block, one block resident on ``device`` at a time
+    (:func:`lowrank.streaming.streamed_gradients`; ``offload`` says where the boundary activations live).
+    Otherwise the whole model runs on ``device`` with one ``autograd.grad`` per batch. Both give the same
+    gradients up to floating-point summation order. ``fisher``: ``False``/``"none"``, ``True``/``"full"``
+    (m×n ``Σ_b g_b²``) or ``"columns"`` (n-vector ``Σ_b Σ_i g_b²``, all FWSVD needs); ``need_G=False`` skips
+    ``G`` (Fisher only).
+    """
+    if streamed:
+        from .streaming import streamed_gradients
+
+        return streamed_gradients(model, windows, batch_size, device, targets=targets, fisher=fisher,
+                                  need_G=need_G, offload=offload)
+    mode = "full" if fisher is True else ("none" if fisher is False else str(fisher))
+    if mode not in ("none", "full", "columns"):
+        raise ValueError(f"fisher must be 'none', 'full' or 'columns', got {fisher!r}")
     targets = targets or find_targets(model)
     modules = [model.get_submodule(t.name) for t in targets]
     weights = [m.weight for m in modules]
@@ -56,8 +73,10 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deterministic model
     total = (windows.shape[0]) * (windows.shape[1] - 1)
-    G = {t.name: torch.zeros(t.shape.m, t.shape.n, dtype=torch.float64) for t in targets}
-    Fi = {t.name: torch.zeros(t.shape.m, t.shape.n, dtype=torch.float64) for t in targets} if fisher else None
+    G = {t.name: torch.zeros(t.shape.m, t.shape.n, dtype=torch.float64) for t in targets} if need_G else {}
+    Fi = None if mode == "none" else {
+        t.name: torch.zeros(*((t.shape.m, t.shape.n) if mode == "full" else (t.shape.n,)), dtype=torch.float64)
+        for t in targets}
     loss_sum = 0.0
     try:
         starts = range(0, windows.shape[0], batch_size)
@@ -69,9 +88,10 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
             for t, mod, g in zip(targets, modules, grads):
                 g = g.detach().T if weight_is_transposed(mod) else g.detach()
                 g64 = g.to("cpu", torch.float64)
-                G[t.name].add_(g64, alpha=n_b / total)
+                if need_G:
+                    G[t.name].add_(g64, alpha=n_b / total)
                 if Fi is not None:
-                    Fi[t.name].add_(g64.square())
+                    Fi[t.name].add_(g64.square() if mode == "full" else g64.square().sum(dim=0))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

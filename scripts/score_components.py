@@ -11,12 +11,15 @@ from lowrank.scoring import SCORERS, score_targets
 def run(smk) -> None:
     with stage(smk) as st:
         scorer, whitening, opts = smk.params.scorer, smk.params.whitening, dict(smk.params.scoring)
-        model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
+        streamed = bool(opts.get("streamed", True)) and SCORERS[scorer].needs_gradients
+        # streamed gradients move one block at a time to the device: the model itself stays in CPU memory
+        model = load_model(smk.input.manifest, dtype=st.dtype, device="cpu" if streamed else st.device)
         targets = find_targets(model)
         grads = None
         if SCORERS[scorer].needs_gradients:
             windows = load_tensors(smk.input.windows)[0]["tokens"][: opts["gradient_windows"]]
-            grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets)
+            grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets,
+                                          streamed=streamed, offload=opts.get("offload", "auto"))
             st.log.info("calibration loss %.4f over %d tokens (%d windows)", grads.loss, grads.tokens, len(windows))
         scores = score_targets(model, targets, scorer, whitening, load_stats(smk), smk.params.damping, st.device,
                                grads)
