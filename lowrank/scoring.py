@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .decompose import singular_values, thin_svd
 from .gradients import TargetGradients
 from .model import Target, linear_weight
 from .runtime import progress
@@ -35,10 +36,13 @@ def whitened_gradient(G: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
     return torch.linalg.solve_triangular(S.T, G.to(S.dtype), upper=True, left=False)
 
 
-def first_order_delta(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(σ, ΔL)`` with ``ΔL_i = −σ_i · (Uᵀ H V)_ii`` for ``W S = U Σ Vᵀ``, ``H = G S^{-T}``."""
+def first_order_delta(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor, method: str = "svd"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ, ΔL)`` with ``ΔL_i = −σ_i · (Uᵀ H V)_ii`` for ``W S = U Σ Vᵀ``, ``H = G S^{-T}``.
+
+    ``method``: how ``W S`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``)."""
     A = W.to(torch.float64) if S is None else whiten(W.to(torch.float64), S)
-    U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)  # U [m, r], Vh [r, n]
+    U, sigma, Vh = thin_svd(A, method)  # U [m, r], Vh [r, n]
     H = whitened_gradient(G, S)  # [m, n]
     g_sigma = ((U.T @ H) * Vh).sum(dim=1)  # diag(Uᵀ H V), [r]
     return sigma, -sigma * g_sigma
@@ -48,22 +52,23 @@ def first_order_delta(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor) 
 class Scorer:
     """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed."""
 
-    fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fn(W, S, G, method="svd"|"eigh")
     needs_gradients: bool
     description: str
 
 
-def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None, method: str = "svd"
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     A = W.to(torch.float64) if S is None else whiten(W.to(torch.float64), S)
-    sigma = torch.linalg.svdvals(A)
+    sigma = singular_values(A, method)
     return sigma, sigma.clone()
 
 
-def _first_order(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None
+def _first_order(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None, method: str = "svd"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     if G is None:
         raise ValueError("scorer first_order needs calibration gradients")
-    return first_order_delta(W, S, G)
+    return first_order_delta(W, S, G, method)
 
 
 SCORERS: dict[str, Scorer] = {
@@ -75,8 +80,11 @@ SCORERS: dict[str, Scorer] = {
 @torch.no_grad()
 def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitening: str, stats: dict[str, Any],
                   damping: float = 1e-6, device: torch.device | str = "cpu",
-                  gradients: TargetGradients | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """``{target: {"sigma": σ, "score": s}}`` (float64, σ descending) for every target."""
+                  gradients: TargetGradients | None = None, decomposition: str = "svd"
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """``{target: {"sigma": σ, "score": s}}`` (float64, σ descending) for every target.
+
+    ``decomposition``: ``svd`` or ``eigh`` (:mod:`lowrank.decompose`)."""
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(SCORERS)}")
     sc = SCORERS[scorer]
@@ -87,6 +95,6 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
         S = input_factor(whitening, t.name, stats, damping, device)
         G = gradients.G[t.name].to(device) if gradients is not None else None
-        sigma, score = sc.fn(W, S, G)
+        sigma, score = sc.fn(W, S, G, method=decomposition)
         out[t.name] = {"sigma": sigma.cpu(), "score": score.cpu()}
     return out

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .decompose import thin_svd
 from .factorized import LowRankLinear
 from .model import Target, linear_bias, linear_weight, replace_module
 from .runtime import progress
@@ -42,14 +43,16 @@ class Factors:
         return float((self.sigma[self.rank :].double() ** 2).sum())
 
 
-def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None) -> Factors:
-    """Rank-``k`` factors of ``W`` (m×n), in float64; whitened by lower-triangular ``S`` when given."""
+def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, method: str = "svd") -> Factors:
+    """Rank-``k`` factors of ``W`` (m×n), in float64; whitened by lower-triangular ``S`` when given.
+
+    ``method``: how ``W S`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``)."""
     m, n = W.shape
     if not (1 <= k <= min(m, n)):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {k}")
     W64 = W.to(torch.float64)
     B_w = W64 if S is None else whiten(W64, S.to(W64.device))  # [m, n]
-    U, sigma, Vh = torch.linalg.svd(B_w, full_matrices=False)
+    U, sigma, Vh = thin_svd(B_w, method)
     root = sigma[:k].sqrt()
     A = U[:, :k] * root  # [m, k]
     Bk = root[:, None] * Vh[:k]  # [k, n]
@@ -60,8 +63,8 @@ def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None) -> Factors:
 
 @torch.no_grad()
 def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int | None], whitening: str,
-                   stats: dict[str, Any] | None = None, damping: float = 1e-6, device: torch.device | str = "cpu"
-                   ) -> dict[str, dict[str, Any]]:
+                   stats: dict[str, Any] | None = None, damping: float = 1e-6, device: torch.device | str = "cpu",
+                   decomposition: str = "svd") -> dict[str, dict[str, Any]]:
     """Replace every target with a rank in ``ranks`` by a ``LowRankLinear``, in place.
 
     ``whitening`` names the space (:data:`lowrank.spaces.SPACES`) and ``stats`` holds the statistics it reads.
@@ -79,7 +82,7 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
         mod = model.get_submodule(t.name)
         W = linear_weight(mod).detach()
         S = input_factor(whitening, t.name, stats, damping, device)
-        f = truncate(W.to(device), k, S)
+        f = truncate(W.to(device), k, S, decomposition)
         bias = linear_bias(mod)
         new = LowRankLinear.from_factors(f.A, f.B, None if bias is None else bias.detach(), dtype=W.dtype)
         replace_module(model, t.name, new.to(W.device))

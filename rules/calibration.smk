@@ -2,7 +2,7 @@ from lowrank.calibration import STATS
 
 # lowrank modules each statistic kind runs beyond the shared streaming code (for the code fingerprint)
 STAT_MODULES = {
-    "fisher": ("gradients",),
+    "fisher": ("gradients", "streaming"),
     "asvd_sensitivity": ("sensitivity", "allocation", "gradients", "spaces", "whitening"),
 }
 

@@ -10,9 +10,10 @@ rule score_components:
         whitening=lambda wc: wc.whitening,
         damping=config["whitening"]["damping"],
         scoring=scoring_options,
+        decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
         core=core_fingerprint("scoring", "gradients", "spaces", "whitening", "calibration", "model", "factorized",
-                              "accounting"),
+                              "accounting", "decompose", "streaming"),
     wildcard_constraints:
         scorer="|".join(SCORERS),
         whitening="|".join(SPACES),

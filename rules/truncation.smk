@@ -10,9 +10,10 @@ rule truncate:
     params:
         method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "scorer", "allocator")},
         damping=config["whitening"]["damping"],
+        decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
         core=core_fingerprint("truncation", "spaces", "whitening", "checkpoint", "calibration", "model",
-                              "factorized", "accounting", "allocation"),
+                              "factorized", "accounting", "allocation", "decompose"),
     log:
         "logs/truncate/{model}/{method}/{ratio}.log",
     benchmark:

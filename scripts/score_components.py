@@ -22,7 +22,7 @@ def run(smk) -> None:
                                           streamed=streamed, offload=opts.get("offload", "auto"))
             st.log.info("calibration loss %.4f over %d tokens (%d windows)", grads.loss, grads.tokens, len(windows))
         scores = score_targets(model, targets, scorer, whitening, load_stats(smk), smk.params.damping, st.device,
-                               grads)
+                               grads, decomposition=getattr(smk.params, "decomposition", "svd"))
         tensors = {f"{key}.{n}": v for n, d in scores.items() for key, v in d.items()}
         if grads is not None:
             neg = sum(int((d["score"] < 0).sum()) for d in scores.values())

@@ -18,7 +18,7 @@ def run(smk) -> None:
         alloc = Allocation.from_json(read_json(smk.input.allocation))
         stats = load_stats(smk)
         report = truncate_model(model, find_targets(model), alloc.ranks, method["whitening"], stats,
-                                smk.params.damping, st.device)
+                                smk.params.damping, st.device, getattr(smk.params, "decomposition", "svd"))
         methods = getattr(stats.get("input_gram"), "factor_methods", {})
         fallbacks = {g: m for g, m in methods.items() if m != "cholesky"}
         st.log.info("%d targets factored; whitening fallbacks: %s", sum(r["rank"] is not None for r in
