@@ -39,7 +39,9 @@ rule calibration_stats:
         "benchmarks/calibration_stats/{model}/{source}/{stat}.tsv"
     threads: 8
     resources:
-        mem_mb=mem_mb_for,
+        mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
+        gpu=gpu_for,
+        gpu_mem_mb=gpu_mem_mb_for,
     script:
         "../scripts/calibration_stats.py"

@@ -164,3 +164,31 @@ def final_targets():
     return ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
             "results/summary/plots/ppl_vs_ratio.png", "results/summary/ranks.csv",
             "results/summary/plots/ranks.png"]
+
+
+# ---- resources of the streamed stages (one block on the device at a time) ----------------------------------
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _size_b(wc):
+    return float(config["models"][wc.model]["size_b"])
+
+
+def mem_mb_streamed_for(wc, attempt):
+    """Host memory of a streamed stage: the model once in runtime.dtype, plus 1.5x for the per-block float64
+    statistics / gradients / factors and the CPU-offloaded boundary activations, at least 8 GB."""
+    weights_mb = _size_b(wc) * 1000 * _DTYPE_BYTES[config["runtime"]["dtype"]]
+    return int(max(8000, 2.5 * weights_mb + 8000) * attempt)
+
+
+def gpu_for(wc):
+    """GPUs a heavy stage asks a cluster for: one unless runtime.device is cpu (a laptop ignores it)."""
+    return 0 if config["runtime"]["device"] == "cpu" else 1
+
+
+def gpu_mem_mb_for(wc, attempt):
+    """Device memory a streamed stage needs, for profiles that place by GPU size: about 1/20 of the model
+    (one of >= 20 blocks, its gradients and activations) plus 24 GB for boundary activations and decompositions."""
+    weights_mb = _size_b(wc) * 1000 * _DTYPE_BYTES[config["runtime"]["dtype"]]
+    return int((weights_mb / 20 * 4 + 24000) * attempt) if gpu_for(wc) else 0

@@ -23,7 +23,9 @@ rule score_components:
         "benchmarks/score_components/{model}/{source}/{whitening}/{scorer}.tsv"
     threads: 8
     resources:
-        mem_mb=mem_mb_for,
+        mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
+        gpu=gpu_for,
+        gpu_mem_mb=gpu_mem_mb_for,
     script:
         "../scripts/score_components.py"

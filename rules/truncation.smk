@@ -20,7 +20,9 @@ rule truncate:
         "benchmarks/truncate/{model}/{method}/{ratio}.tsv"
     threads: 8
     resources:
-        mem_mb=mem_mb_for,
+        mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
+        gpu=gpu_for,
+        gpu_mem_mb=gpu_mem_mb_for,
     script:
         "../scripts/truncate.py"
