@@ -107,9 +107,12 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
         if len(record) != 1:
             raise RuntimeError(f"{type(model).__name__} did not call its first decoder block: cannot stream it")
         h0, args, kwargs = record[0]
-        home = next(originals[0].parameters()).device
-        as_tuple = isinstance(originals[0].to(device)(h0, *args, **kwargs), (tuple, list))
-        originals[0].to(home)
+        from .sharded import place_block, release_block  # a lazy (meta) model loads its block here
+
+        blocks[0] = originals[0]
+        home = place_block(model, 0, device)
+        as_tuple = isinstance(originals[0](h0, *args, **kwargs), (tuple, list))
+        release_block(model, 0, home)
         # 2. every block's call, every batch
         for i in range(n_blocks):
             blocks[i] = _Catcher(i == n_blocks - 1, record, as_tuple)
@@ -159,18 +162,19 @@ def stream_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device,
     ``on_block(i, block)`` is called before block ``i`` runs and returns a finaliser called after it (install
     hooks, then remove them and reduce). ``inputs.hidden`` is advanced in place to each block's outputs.
     """
+    from .sharded import place_block, release_block  # a lazy (meta) model loads each block from its shards
+
     _, blocks = find_blocks(model)
     for i in progress(range(len(blocks)), desc=desc, total=len(blocks)):
         block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        home = place_block(model, i, device)
         finish = on_block(i, block) if on_block else None
         for b in range(len(inputs.hidden)):
             args, kwargs = inputs.calls[b][i]
             inputs.hidden[b] = _block_output(block(inputs.hidden[b], *args, **kwargs))
         if finish:
             finish()
-        block.to(home)
+        release_block(model, i, home)
 
 
 @dataclass

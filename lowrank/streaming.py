@@ -3,8 +3,8 @@
 The calibration loss ``L = (1/N) Σ_b n_b L_b`` (``L_b`` the token-mean next-token cross-entropy of batch ``b``,
 ``n_b`` its predictions) is differentiated without ever holding the whole model's activations:
 
-1. **Forward, keeping boundaries only.** The stem (embeddings, rotary tables, masks) runs once per batch with the
-   blocks replaced by catchers (:func:`lowrank.calibration.capture_block_inputs`); then block ``i`` alone runs over
+1. **Forward, keeping boundaries only.** The stem (embeddings, rotary tables, masks) runs once per batch with
+   the blocks replaced by catchers (:func:`lowrank.calibration.capture_block_inputs`); then block ``i`` alone runs over
    every batch without autograd, and its input ``h_i`` is stored (on the accelerator when every boundary fits,
    else in CPU memory: :class:`BoundaryStore`). Memory: one block + ``L+1`` boundary activations.
 2. **Head.** With every block replaced by a stand-in that returns the stored last boundary ``h_L`` (a leaf that
@@ -20,8 +20,9 @@ Accumulation (float64 by default, on the accelerator during the block, then to C
 * optionally Fisher, either full ``Σ_b (∂L_b/∂W)²`` (m×n) or only its column reduction
   ``Σ_b Σ_i (∂L_b/∂W_ij)²`` (n,), all FWSVD needs.
 
-When a block's gradients are complete, ``on_block(i, grads)`` is called: a caller that scores (or reduces) them
-at once and drops them keeps only one block of gradients alive (``keep=False``).
+When a block's gradients are complete, ``on_block(i, G_i, F_i)`` is called while the block is still resident on
+the device: a caller that scores (or reduces) them at once and drops them keeps only one block of gradients
+alive (``keep=False``), e.g. the fused gradient + first-order scoring of :func:`fused_first_order_scores`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from .calibration import _block_output, _move_stem, capture_block_inputs
 from .gradients import TargetGradients
 from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
+from .sharded import place_block, release_block
 
-__all__ = ["BoundaryStore", "streamed_gradients", "FisherMode", "OFFLOAD_MODES", "boundary_bytes"]
+__all__ = ["BoundaryStore", "streamed_gradients", "fused_scores", "FisherMode", "OFFLOAD_MODES", "boundary_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
         # 1. stem: every block's call arguments and block 0's inputs, per batch
         inputs = capture_block_inputs(model, windows, batch_size, device)
         n_batches = len(inputs.hidden)
-        as_tuple = _learn_convention(blocks[0], inputs, device)
+        as_tuple = _learn_convention(model, inputs, device)
         hidden = inputs.hidden[0].shape[-1]
         dtype = inputs.hidden[0].dtype
         home = _resolve_offload(offload, device, boundary_bytes(windows, hidden, n_blocks, dtype))
@@ -172,11 +174,12 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
         # 2. forward without autograd, keeping every block's input
         with torch.no_grad():
             for i in progress(range(n_blocks), desc="grad forward", total=n_blocks):
-                blk, back = _to_device(blocks[i], device)
+                back = place_block(model, i, device)
+                blk = blocks[i]
                 for b in range(n_batches):
                     args, kwargs = inputs.calls[b][i]
                     store.put(i + 1, b, _block_output(blk(store.get(i, b), *args, **kwargs)))
-                blk.to(back)
+                release_block(model, i, back)
         # 3. head: δ_L = ∂L_b/∂h_L through the model's own final norm and LM head
         deltas: list[torch.Tensor] = []
         inject: list[torch.Tensor | None] = [None]
@@ -207,7 +210,8 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                      for s in range(0, windows.shape[0], batch_size)]
         # 4. backward, block by block from the last
         for i in progress(range(n_blocks - 1, -1, -1), desc="grad backward", total=n_blocks):
-            blk, back = _to_device(blocks[i], device)
+            back = place_block(model, i, device)
+            blk = blocks[i]
             tlist = by_block.get(i, [])
             mods = [model.get_submodule(t.name) for t in tlist]
             params = [m.weight for m in mods]
@@ -243,14 +247,14 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                         a.F.add_(g.square() if fisher_mode == "full" else g.square().sum(dim=0))
             for p in params:
                 p.requires_grad_(False)
-            blk.to(back)
             store.drop(i)
             G_i = {n: a.G.to("cpu", torch.float64) for n, a in acc.items() if a.G is not None}
             F_i = {n: a.F.to("cpu", torch.float64) for n, a in acc.items() if a.F is not None} \
                 if fisher_mode != "none" else None
             del acc
             if on_block is not None:
-                on_block(i, G_i, F_i)
+                on_block(i, G_i, F_i)  # block i still resident on the device: score it now (fused)
+            release_block(model, i, back)
             if keep:
                 G_out.update(G_i)
                 if F_i is not None:
@@ -280,16 +284,36 @@ def _stem_homes(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[nn.Modu
     return homes
 
 
-def _to_device(block: nn.Module, device: torch.device) -> tuple[nn.Module, torch.device]:
-    back = next(block.parameters()).device
-    return block.to(device), back
-
-
 @torch.no_grad()
-def _learn_convention(block0: nn.Module, inputs: Any, device: torch.device) -> bool:
+def _learn_convention(model: nn.Module, inputs: Any, device: torch.device) -> bool:
     """Whether the blocks return tuples (transformers 4.x) or bare tensors: run block 0 once on the first batch."""
-    blk, back = _to_device(block0, device)
+    back = place_block(model, 0, device)
     args, kwargs = inputs.calls[0][0]
-    out = blk(inputs.hidden[0], *args, **kwargs)
-    blk.to(back)
+    out = find_blocks(model)[1][0](inputs.hidden[0], *args, **kwargs)
+    release_block(model, 0, back)
     return isinstance(out, (tuple, list))
+
+
+def fused_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str,
+                 targets: list[Target], scorer: str, whitening: str, stats: dict[str, Any], damping: float = 1e-6,
+                 decomposition: str = "svd", offload: str = "auto"
+                 ) -> tuple[dict[str, dict[str, torch.Tensor]], TargetGradients]:
+    """Streamed gradients with every block scored as soon as its gradients are complete, then dropped.
+
+    Equal to :func:`lowrank.scoring.score_targets` on :func:`streamed_gradients`'s ``G``, with one block of
+    gradients alive at a time instead of the whole model's (float64: 8 bytes per target weight). Returns the
+    scores in target order and the gradients' bookkeeping (``G`` empty, ``loss``, ``tokens``).
+    """
+    from .scoring import score_targets
+
+    device = torch.device(device)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_block(i: int, G_i: dict[str, torch.Tensor], F_i: dict[str, torch.Tensor] | None) -> None:
+        tl = [t for t in targets if t.block == i]
+        part = TargetGradients(G=G_i, fisher=None, tokens=0, loss=0.0)
+        out.update(score_targets(model, tl, scorer, whitening, stats, damping, device, part, decomposition))
+
+    grads = streamed_gradients(model, windows, batch_size, device, targets=targets, offload=offload,
+                               on_block=on_block, keep=False)
+    return {t.name: out[t.name] for t in targets}, grads

@@ -13,7 +13,7 @@ rule correct:
         damping=config["whitening"]["damping"],
         runtime=runtime_spec,
         core=core_fingerprint("correction", "gradients", "truncation", "spaces", "whitening", "checkpoint",
-                              "calibration", "model", "factorized", "accounting", "streaming", "decompose"),
+                              "calibration", "model", "factorized", "accounting", "streaming", "decompose", "sharded"),
     wildcard_constraints:
         stage=r"[1-9]\d*",
     log:

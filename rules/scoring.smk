@@ -13,7 +13,7 @@ rule score_components:
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
         core=core_fingerprint("scoring", "gradients", "spaces", "whitening", "calibration", "model", "factorized",
-                              "accounting", "decompose", "streaming"),
+                              "accounting", "decompose", "streaming", "sharded"),
     wildcard_constraints:
         scorer="|".join(SCORERS),
         whitening="|".join(SPACES),

@@ -13,7 +13,8 @@ rule truncate:
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
         core=core_fingerprint("truncation", "spaces", "whitening", "checkpoint", "calibration", "model",
-                              "factorized", "accounting", "allocation", "decompose"),
+                              "factorized", "accounting", "allocation", "decompose", "resume",
+                              "sharded"),
     log:
         "logs/truncate/{model}/{method}/{ratio}.log",
     benchmark:

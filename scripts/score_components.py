@@ -6,23 +6,42 @@ from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import find_targets, load_model
 from lowrank.scoring import SCORERS, score_targets
+from lowrank.sharded import for_each_block, is_lazy, lazy_from_env, load_model_streaming
+from lowrank.streaming import fused_scores
 
 
 def run(smk) -> None:
     with stage(smk) as st:
         scorer, whitening, opts = smk.params.scorer, smk.params.whitening, dict(smk.params.scoring)
-        streamed = bool(opts.get("streamed", True)) and SCORERS[scorer].needs_gradients
-        # streamed gradients move one block at a time to the device: the model itself stays in CPU memory
-        model = load_model(smk.input.manifest, dtype=st.dtype, device="cpu" if streamed else st.device)
+        needs = SCORERS[scorer].needs_gradients
+        streamed = bool(opts.get("streamed", True)) and needs
+        stats, decomposition = load_stats(smk), getattr(smk.params, "decomposition", "svd")
+        # streamed: one block at a time on the device, the model in CPU memory (or lazy, from its shards)
+        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env()) if streamed
+                 else load_model(smk.input.manifest, dtype=st.dtype, device=st.device))
         targets = find_targets(model)
         grads = None
-        if SCORERS[scorer].needs_gradients:
+        if streamed:  # gradients and scores fused block by block: one block of gradients alive at a time
             windows = load_tensors(smk.input.windows)[0]["tokens"][: opts["gradient_windows"]]
-            grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets,
-                                          streamed=streamed, offload=opts.get("offload", "auto"))
-            st.log.info("calibration loss %.4f over %d tokens (%d windows)", grads.loss, grads.tokens, len(windows))
-        scores = score_targets(model, targets, scorer, whitening, load_stats(smk), smk.params.damping, st.device,
-                               grads, decomposition=getattr(smk.params, "decomposition", "svd"))
+            scores, grads = fused_scores(model, windows, opts["gradient_batch_size"], st.device, targets, scorer,
+                                         whitening, stats, smk.params.damping, decomposition,
+                                         opts.get("offload", "auto"))
+        else:
+            if needs:
+                windows = load_tensors(smk.input.windows)[0]["tokens"][: opts["gradient_windows"]]
+                grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets,
+                                              streamed=False)
+            if is_lazy(model):  # pragma: no cover - sigma scores of a lazy model: each block while resident
+                scores = {}
+                for part in for_each_block(model, targets, st.device, lambda i, tl: score_targets(
+                        model, tl, scorer, whitening, stats, smk.params.damping, st.device, grads,
+                        decomposition)).values():
+                    scores.update(part)
+            else:
+                scores = score_targets(model, targets, scorer, whitening, stats, smk.params.damping, st.device,
+                                       grads, decomposition=decomposition)
+        if grads is not None:
+            st.log.info("calibration loss %.4f over %d tokens", grads.loss, grads.tokens)
         tensors = {f"{key}.{n}": v for n, d in scores.items() for key, v in d.items()}
         if grads is not None:
             neg = sum(int((d["score"] < 0).sum()) for d in scores.values())

@@ -1,5 +1,7 @@
 """Rule truncate: replace every allocated target by its low-rank factors and store them (stage 0)."""
 
+import os
+import shutil
 from pathlib import Path
 
 from _adapter import load_stats, stage
@@ -7,18 +9,23 @@ from _adapter import load_stats, stage
 from lowrank.allocation import Allocation
 from lowrank.checkpoint import save_compressed
 from lowrank.io import config_hash, read_json
-from lowrank.model import find_targets, load_model
-from lowrank.truncation import truncate_model
+from lowrank.model import find_targets
+from lowrank.resume import truncate_blocks
+from lowrank.sharded import lazy_from_env, load_model_streaming
 
 
 def run(smk) -> None:
     with stage(smk) as st:
         method = dict(smk.params.method)
-        model = load_model(smk.input.manifest, dtype=st.dtype)
+        model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env())
         alloc = Allocation.from_json(read_json(smk.input.allocation))
         stats = load_stats(smk)
-        report = truncate_model(model, find_targets(model), alloc.ranks, method["whitening"], stats,
-                                smk.params.damping, st.device, getattr(smk.params, "decomposition", "svd"))
+        # one factor file per block under parts/: a rerun after a crash loads the finished blocks
+        parts = Path(smk.output.manifest).parent / "parts"
+        inputs = {k: [os.path.getsize(v), os.stat(v).st_mtime_ns] for k, v in smk.input.items()}
+        report = truncate_blocks(model, find_targets(model), alloc.ranks, method["whitening"], stats,
+                                 smk.params.damping, st.device, parts, key={"inputs": inputs, "dtype": str(st.dtype)},
+                                 decomposition=getattr(smk.params, "decomposition", "svd"))
         methods = getattr(stats.get("input_gram"), "factor_methods", {})
         fallbacks = {g: m for g, m in methods.items() if m != "cholesky"}
         st.log.info("%d targets factored; whitening fallbacks: %s", sum(r["rank"] is not None for r in
@@ -27,6 +34,7 @@ def run(smk) -> None:
             "method": smk.wildcards.method, "ratio": float(smk.wildcards.ratio), "stage": 0, "recipe": method,
             "damping": smk.params.damping, "config_hash": config_hash(method),
             "seed": dict(smk.params.runtime).get("seed", 0), "whitening_fallbacks": fallbacks, "targets": report})
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 if "snakemake" in globals():

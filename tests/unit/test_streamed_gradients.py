@@ -109,3 +109,19 @@ def test_boundary_store_and_size():
     assert store.h[0] == []
     assert boundary_bytes(torch.zeros(256, 2048, dtype=torch.long), 4096, 32, torch.bfloat16) == \
         256 * 2048 * 4096 * 33 * 2
+
+
+def test_fused_scores_equal_scores_of_full_gradients(tiny_llama, gwin):
+    from lowrank.scoring import score_targets
+    from lowrank.streaming import fused_scores
+
+    cpu = torch.device("cpu")
+    stats = {"input_gram": collect_input_grams(tiny_llama, gwin, 2, cpu)}
+    targets = find_targets(tiny_llama)
+    ref = score_targets(tiny_llama, targets, "first_order", "input_gram", stats,
+                        gradients=calibration_gradients(tiny_llama, gwin, 2, streamed=False))
+    got, grads = fused_scores(tiny_llama, gwin, 2, cpu, targets, "first_order", "input_gram", stats)
+    assert list(got) == [t.name for t in targets] and grads.G == {}
+    for name in ref:
+        torch.testing.assert_close(got[name]["sigma"], ref[name]["sigma"], rtol=1e-12, atol=0)
+        _close(got[name]["score"], ref[name]["score"])

@@ -1,0 +1,228 @@
+"""Models larger than memory: a meta-device skeleton whose decoder blocks are loaded from safetensors on demand.
+
+:func:`load_lazy_model` builds the architecture on the ``meta`` device (no memory), loads everything outside the
+decoder blocks (embeddings, final norm, LM head: a few percent of a 7B-70B model) and leaves every block on
+``meta``. :func:`place_block` reads one block's tensors from the checkpoint's safetensors shards (only the shards
+holding them, memory-mapped) straight onto the compute device; :func:`release_block` returns it to ``meta``.
+The streamed stages (:mod:`lowrank.calibration`, :mod:`lowrank.streaming`, :func:`for_each_block`) call these
+two for every block, so a lazy model and an ordinary one go through the same code: peak host memory is the stem
+plus one block, whatever the depth.
+
+A model is loaded lazily when its weights do not fit in a fraction of the available host memory
+(:func:`load_model_streaming`), or always when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .factorized import LowRankLinear
+from .model import Target, find_blocks, load_model, model_path
+
+__all__ = ["lazy_from_env", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "place_block", "release_block", "resident",
+           "for_each_block", "checkpoint_bytes", "load_model_streaming"]
+
+log = logging.getLogger(__name__)
+
+_LAZY_ATTR = "_lowrank_lazy"
+
+
+class ShardedCheckpoint:
+    """Name → shard file of a Hugging Face safetensors checkpoint (``model.safetensors`` or an index)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        elif single.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.weight_map = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.folder} holds no model.safetensors(.index.json): lazy loading needs a "
+                                    "safetensors checkpoint (convert it with save_pretrained(safe_serialization=True))")
+
+    def load(self, names: list[str], device: torch.device | str, dtype: torch.dtype | None
+             ) -> dict[str, torch.Tensor]:
+        """The named tensors, read shard by shard, cast to ``dtype`` (floating tensors only) on ``device``."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise KeyError(f"checkpoint {self.folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for fname, keys in by_file.items():
+            with safe_open(str(self.folder / fname), framework="pt", device="cpu") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    out[k] = t.to(device)
+        return out
+
+    def total_bytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+    def total_numel(self) -> int:
+        """Number of stored elements, read from the shard headers (no tensor is loaded)."""
+        from safetensors import safe_open
+
+        n = 0
+        for fname in set(self.weight_map.values()):
+            with safe_open(str(self.folder / fname), framework="pt") as f:
+                for k in f.keys():
+                    shape = f.get_slice(k).get_shape()
+                    size = 1
+                    for d in shape:
+                        size *= int(d)
+                    n += size
+        return n
+
+
+@dataclass
+class _Lazy:
+    checkpoint: ShardedCheckpoint
+    prefix: str
+    dtype: torch.dtype
+
+
+def is_lazy(model: nn.Module) -> bool:
+    return getattr(model, _LAZY_ATTR, None) is not None
+
+
+def load_lazy_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Skeleton on ``meta`` with the stem loaded on CPU; blocks stay on ``meta`` until :func:`place_block`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = ShardedCheckpoint(folder)
+    cfg = AutoConfig.from_pretrained(str(folder))
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not stored
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    prefix, _ = find_blocks(model)
+    stem = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
+    present = [k for k in stem if k in ckpt.weight_map]
+    model.load_state_dict(ckpt.load(present, "cpu", dtype), strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied LM head is not stored: point it at the loaded embedding
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix + ".")]
+    if still_meta:
+        raise KeyError(f"checkpoint {folder} lacks stem tensors {still_meta[:3]}")
+    setattr(model, _LAZY_ATTR, _Lazy(ckpt, prefix, dtype))
+    return model.eval()
+
+
+def _block_keys(model: nn.Module, i: int) -> tuple[str, nn.Module]:
+    prefix, blocks = find_blocks(model)
+    return f"{prefix}.{i}.", blocks[i]
+
+
+def place_block(model: nn.Module, i: int, device: torch.device | str) -> torch.device:
+    """Put block ``i`` on ``device`` (read from the checkpoint if the model is lazy); returns where it was."""
+    key, block = _block_keys(model, i)
+    home = next(block.parameters()).device
+    lazy = getattr(model, _LAZY_ATTR, None)
+    metas = [n for n, p in block.named_parameters() if p.is_meta]
+    if lazy is not None and metas:
+        names = [n for n, p in block.state_dict(keep_vars=True).items() if p.is_meta]
+        tensors = lazy.checkpoint.load([key + n for n in names], device, lazy.dtype)
+        block.load_state_dict({n: tensors[key + n] for n in names}, strict=False, assign=True)
+    block.to(device)
+    return home
+
+
+def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
+    """Return block ``i`` to ``home``; a lazy block goes back to ``meta``, except its ``LowRankLinear`` factors
+    (the compressed result, kept on CPU)."""
+    _, block = _block_keys(model, i)
+    if torch.device(home).type != "meta":
+        block.to(home)
+        return
+    for mod in block.modules():
+        if isinstance(mod, LowRankLinear):
+            mod.to("cpu")
+    keep = {id(p) for m in block.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    for mod in block.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in keep:
+                setattr(mod, name, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+
+
+@contextmanager
+def resident(model: nn.Module, i: int, device: torch.device | str) -> Iterator[nn.Module]:
+    """``with resident(model, i, device) as block:`` block ``i`` on ``device``, back home (or ``meta``) after."""
+    home = place_block(model, i, device)
+    try:
+        yield _block_keys(model, i)[1]
+    finally:
+        release_block(model, i, home)
+
+
+def for_each_block(model: nn.Module, targets: list[Target], device: torch.device | str,
+                   fn: Callable[[int, list[Target]], Any]) -> dict[int, Any]:
+    """Call ``fn(i, targets of block i)`` with block ``i`` resident on ``device``, for every block with targets."""
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    out = {}
+    for i in sorted(by_block):
+        with resident(model, i, device):
+            out[i] = fn(i, by_block[i])
+    return out
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    return ShardedCheckpoint(folder).total_bytes()
+
+
+def _available_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def lazy_from_env() -> bool | None:
+    """``LOWRANK_LAZY_LOAD``: ``1`` always lazy, ``0`` never, unset/``auto``: by size (results are identical)."""
+    v = os.environ.get("LOWRANK_LAZY_LOAD", "auto").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise ValueError(f"LOWRANK_LAZY_LOAD must be 1, 0 or auto, got {v!r}")
+
+
+def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                         lazy: bool | None = None, fraction: float = 0.5) -> nn.Module:
+    """The model on CPU for a streamed stage: lazy (:func:`load_lazy_model`) when ``lazy`` or, with
+    ``lazy=None``, when the checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory."""
+    folder = model_path(manifest_path)
+    if lazy is None:
+        try:
+            ckpt = ShardedCheckpoint(folder)
+        except FileNotFoundError:
+            return load_model(manifest_path, dtype=dtype)
+        need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
+        lazy = need > fraction * _available_bytes()
+        log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
+                 else "fits in memory")
+    return load_lazy_model(folder, dtype) if lazy else load_model(manifest_path, dtype=dtype)
