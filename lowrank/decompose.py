@@ -5,8 +5,8 @@
 * ``m ≤ n``: ``B Bᵀ = U Σ² Uᵀ`` (m×m ``eigh``), then ``Vᵀ = Σ⁻¹ Uᵀ B``;
 * ``m > n``: ``Bᵀ B = V Σ² Vᵀ`` (n×n ``eigh``), then ``U = B V Σ⁻¹``.
 
-``eigh`` of an r×r Gram is several times faster than an SVD of B on GPUs (one symmetric tridiagonalisation, no
-bidiagonalisation + QR sweeps), and equal-shaped matrices are decomposed in one batched call
+``eigh`` of an r×r Gram is several times faster than an SVD of B on GPUs (one symmetric tridiagonalisation,
+no bidiagonalisation + QR sweeps), and equal-shaped matrices are decomposed in one batched call
 (:func:`thin_svd_many`).
 
 Accuracy (float64). The Gram squares the condition number: an eigenvalue of ``K`` carries an absolute error of

@@ -82,9 +82,11 @@ class BoundaryStore:
         while len(self.h) <= i:
             self.h.append([])
         row = self.h[i]
-        y = x.detach().to(self.home, non_blocking=True)
-        if self._pin:
-            y = y.pin_memory()
+        if self._pin:  # device -> pinned host copy, ordered on the stream before any later copy back
+            y = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            y.copy_(x.detach(), non_blocking=True)
+        else:
+            y = x.detach().to(self.home)
         if b == len(row):
             row.append(y)
         else:
