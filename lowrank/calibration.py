@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .grams import gram_update
 from .model import Target, find_blocks, find_targets
 from .runtime import progress
 from .whitening import WhiteningFactor, whitening_factor
@@ -294,12 +295,11 @@ def collect_input_grams(model: nn.Module, windows: torch.Tensor, batch_size: int
     tokens: dict[str, int] = {}
 
     def accumulate(group: str, x: torch.Tensor) -> None:
-        X = x.to(torch.float64)  # [N_b, n]
         if group not in G:
-            G[group] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+            G[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             tokens[group] = 0
-        G[group].addmm_(X.T, X)
-        tokens[group] += X.shape[0]
+        gram_update(G[group], x)  # float64 sum; per-batch product in float32 on CUDA (lowrank.grams)
+        tokens[group] += x.shape[0]
 
     def finish_group(group: str) -> None:
         G[group] = (G[group] / tokens[group]).cpu()  # C = XᵀX / N

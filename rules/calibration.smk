@@ -30,7 +30,7 @@ rule calibration_stats:
         batch_size=config["calibration"]["batch_size"],
         runtime=runtime_spec,
         core=lambda wc: core_fingerprint("calibration", "model", "factorized", "accounting", "sharded",
-                                         *STAT_MODULES.get(wc.stat, ())),
+                                         "grams", *STAT_MODULES.get(wc.stat, ())),
     wildcard_constraints:
         stat="|".join(STATS),
     log:

@@ -118,3 +118,16 @@ def test_first_order_scores_and_truncation_agree_on_a_model(tiny_llama, cpu):
         wa = tiny_llama.get_submodule(t.name).weight.detach()
         wb = m2.get_submodule(t.name).weight.detach()
         torch.testing.assert_close(wb, wa, rtol=0, atol=1e-5 * float(wa.abs().max()))
+
+
+def test_eigh32_keeps_the_leading_components():
+    """float32 eigh of the float64 Gram: σ_i within 1e-6·σ₁²/σ_i, leading vectors to 1e-4, truncations to 1e-4."""
+    sigma = torch.logspace(0, -2, 30, dtype=torch.float64)
+    B = _spectrum_matrix(30, 50, sigma, seed=9)
+    a, b = thin_svd(B, "svd"), thin_svd(B, "eigh32")
+    assert bool(((b.S - a.S).abs() <= 1e-6 * a.S[0] ** 2 / a.S).all())
+    big = a.S >= 0.3 * a.S[0]
+    torch.testing.assert_close(b.U[:, big], a.U[:, big], rtol=0, atol=1e-4)
+    ta, tb = truncate(B, 10, method="svd"), truncate(B, 10, method="eigh32")
+    torch.testing.assert_close(tb.A @ tb.B, ta.A @ ta.B, rtol=0, atol=1e-4 * float(B.abs().max()))
+    assert bool(((singular_values(B, "eigh32") - a.S).abs() <= 1e-6 * a.S[0] ** 2 / a.S).all())
