@@ -183,6 +183,17 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
                         decomposition=a.decomposition)
     stages["truncation"] = p
     total = sum(s.seconds for s in stages.values())
+    # results that grow with depth by nature (held on the host until written): fp64 Grams, the factors, and the
+    # streamed gradients' boundary activations (offloaded: one per block + 1)
+    from lowrank.factorized import LowRankLinear
+    from lowrank.streaming import boundary_bytes
+
+    held = (sum(c.numel() * 8 for c in grams.C.values())
+            + sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, LowRankLinear)
+                  for p in m.parameters())
+            + (boundary_bytes(gwin, a.hidden, a.layers, DTYPES[a.dtype]) if a.offload == "cpu" or
+               device.type == "cpu" else 0))
+    res["held_gb"] = held / 1e9
 
     # floor: one decomposition (and Cholesky) of every whitened target, batched per block as the fast path can
     def decompositions(i: int, tl: list) -> None:
@@ -212,8 +223,9 @@ def table(results: list[dict[str, Any]], out=sys.stdout) -> None:
     print(f"random LLaMA, hidden {r0['hidden']}, MLP {r0['mlp']}, {r0['dtype']}, device {r0['device']}, "
           f"torch {torch.__version__}, decomposition {r0['decomposition']}, lazy load {r0['lazy']}\n", file=out)
     print("| blocks | tokens | grad tokens | Grams s (fwd floor) | grads+scores s (fwd+bwd+dec floor) | alloc s | "
-          "trunc s (dec floor) | total s | floor s | total/floor | peak RSS GB | peak CUDA GB |", file=out)
-    print("|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|", file=out)
+          "trunc s (dec floor) | total s | floor s | total/floor | peak RSS GB | held results GB | "
+          "RSS − held GB | peak CUDA GB |", file=out)
+    print("|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|", file=out)
     for r in results:
         s, f = r["stages"], r["floors"]
         rss = max(v["rss_gb"] for v in s.values())
@@ -222,7 +234,8 @@ def table(results: list[dict[str, Any]], out=sys.stdout) -> None:
               f"({f['forward']:.2f}) | {s['gradients + scores']['s']:.2f} "
               f"({f['forward_backward'] + f['decompositions']:.2f}) | {s['allocation']['s']:.2f} | "
               f"{s['truncation']['s']:.2f} ({f['decompositions']:.2f}) | {r['total_s']:.2f} | "
-              f"{r['floor_total_s']:.2f} | {r['total_s'] / r['floor_total_s']:.2f} | {rss:.2f} | {cuda:.2f} |",
+              f"{r['floor_total_s']:.2f} | {r['total_s'] / r['floor_total_s']:.2f} | {rss:.2f} | "
+              f"{r['held_gb']:.2f} | {rss - r['held_gb']:.2f} | {cuda:.2f} |",
               file=out)
 
 
