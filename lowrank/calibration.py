@@ -172,7 +172,8 @@ def stream_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device,
         finish = on_block(i, block) if on_block else None
         for b in range(len(inputs.hidden)):
             args, kwargs = inputs.calls[b][i]
-            inputs.hidden[b] = _block_output(block(inputs.hidden[b], *args, **kwargs))
+            x = inputs.hidden[b]  # on the device, or in CPU memory when offloaded (lowrank.streaming)
+            inputs.hidden[b] = _block_output(block(x.to(device), *args, **kwargs)).to(x.device)
         if finish:
             finish()
         release_block(model, i, home)
@@ -233,6 +234,9 @@ def _collect_per_input(model: nn.Module, windows: torch.Tensor, batch_size: int,
         by_block.setdefault(t.block, []).append(t)
     group_of: dict[str, str] = {}
     inputs = capture_block_inputs(model, windows, batch_size, device)
+    from .streaming import offload_block_inputs
+
+    offload_block_inputs(inputs, device)  # to CPU memory when one boundary does not fit on the device
 
     def on_block(i: int, block: nn.Module) -> Callable[[], None]:
         seen: list[tuple[torch.Tensor, str]] = []  # input tensors of the current batch and their group

@@ -40,7 +40,7 @@ from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 from .sharded import place_block, release_block
 
-__all__ = ["BoundaryStore", "streamed_gradients", "fused_scores", "FisherMode", "OFFLOAD_MODES", "boundary_bytes"]
+__all__ = ["BoundaryStore", "streamed_gradients", "fused_scores", "offload_block_inputs", "FisherMode", "OFFLOAD_MODES", "boundary_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,20 @@ def _resolve_offload(offload: str, device: torch.device, need: int, fraction: fl
         free, _ = torch.cuda.mem_get_info(device)
         return device if need <= fraction * free else torch.device("cpu")
     return torch.device("cpu")  # pragma: no cover - other accelerators: be safe
+
+
+def offload_block_inputs(inputs: Any, device: torch.device | str, offload: str = "auto") -> torch.device:
+    """Move the captured block inputs (:class:`lowrank.calibration.BlockInputs`) to where they should live while
+    the statistics stream: the device when one boundary fits in half its free memory (``auto``), else CPU."""
+    device = torch.device(device)
+    if not inputs.hidden:
+        return device
+    need = sum(h.numel() * h.element_size() for h in inputs.hidden)
+    home = _resolve_offload(offload, device, need)
+    if home != inputs.hidden[0].device:
+        pin = home.type == "cpu" and device.type == "cuda"
+        inputs.hidden = [h.to(home).pin_memory() if pin else h.to(home) for h in inputs.hidden]
+    return home
 
 
 class BoundaryStore:

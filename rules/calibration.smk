@@ -29,7 +29,7 @@ rule calibration_stats:
         options=stat_options,
         batch_size=config["calibration"]["batch_size"],
         runtime=runtime_spec,
-        core=lambda wc: core_fingerprint("calibration", "model", "factorized", "accounting", "sharded",
+        core=lambda wc: core_fingerprint("calibration", "model", "factorized", "accounting", "sharded", "streaming",
                                          "grams", *STAT_MODULES.get(wc.stat, ())),
     wildcard_constraints:
         stat="|".join(STATS),
