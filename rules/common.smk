@@ -99,8 +99,8 @@ def ratio_value(wc):
 
 def whitening_stats(whitening, model, source="pretrained"):
     """{stat kind: path} of the statistics a whitening space reads."""
-    stat = SPACES[whitening].stat
-    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors"} if stat else {}
+    stats = (SPACES[whitening].stat, SPACES[whitening].output_stat)  # output_stat: two-sided spaces (IO-SVD)
+    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors" for stat in stats if stat}
 
 
 def stats_for_method(wc):
