@@ -136,7 +136,10 @@ def stages_of(method):
 
 
 def final_compressed(wc):
-    """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections."""
+    """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
+    quantize stage's final/ when the recipe asks for int8 storage."""
+    if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
+        return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
