@@ -215,3 +215,24 @@ def test_quantized_model_runs_on_cuda(tiny_llama, token_windows):
         gpu = tiny_llama.to("cuda")(input_ids=token_windows.cuda()).logits.cpu()
     torch.testing.assert_close(cpu, gpu, rtol=1e-3, atol=1e-3)
     assert linear_weight is not None
+
+
+def test_storage_bytes_and_bytes_pivot(tiny_llama):
+    import pandas as pd
+
+    from lowrank.evaluation import storage_bytes
+    from lowrank.report import bytes_pivot, results_table
+
+    targets = find_targets(tiny_llama)
+    dense_params = sum(t.shape.m * t.shape.n for t in targets)
+    manifest = {"base_architecture": {"target_params": dense_params}}
+    assert storage_bytes(tiny_llama, manifest) == {"storage_bytes_fp16": 2 * dense_params,
+                                                   "dense_target_bytes_fp16": 2 * dense_params,
+                                                   "kept_bytes_fraction": 1.0}
+    q = {"accounted_bytes": 300, "dense_fp16_bytes": 1000}
+    assert storage_bytes(tiny_llama, q)["kept_bytes_fraction"] == 0.3
+    rec = {"model": "m", "method": "x", "ratio": 0.6, "ppl": 10.0, "kept_bytes_fraction": 0.59}
+    alloc = {"kept_fraction": 0.6, "removed_fraction": 0.4, "n_factored": 1, "n_dense": 0}
+    table = results_table([{"model": "m", "ppl": 5.0}], [(rec, alloc)])
+    piv = bytes_pivot(table)
+    assert isinstance(piv, pd.DataFrame) and float(piv.loc[piv.method == "x", "kept 0.60"].iloc[0]) == 0.59
