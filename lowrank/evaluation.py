@@ -63,7 +63,7 @@ def model_size(model: nn.Module) -> dict[str, int]:
     target_params, target_bytes, factored = 0, 0, 0
     for t in find_targets(model):
         mod = model.get_submodule(t.name)
-        params = list(mod.parameters())
+        params = list(mod.parameters()) or list(mod.buffers())  # int8 / float16 rows are buffers
         target_params += sum(p.numel() for p in params)
         target_bytes += sum(p.numel() * p.element_size() for p in params)
         factored += isinstance(mod, LowRankLinear)
