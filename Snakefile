@@ -9,6 +9,7 @@
 #   {model}/{method}/{ratio}/allocation.json           allocate     (first rule with {ratio}; ratio = kept fraction)
 #   {model}/{method}/{ratio}/stage0/                   truncate     (factors.safetensors + manifest.json)
 #   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)
+#   {model}/{method}/{ratio}/final/                    quantize     (int8 + float16 rows under a byte budget)
 #   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
@@ -29,6 +30,7 @@ include: "rules/scoring.smk"
 include: "rules/allocation.smk"
 include: "rules/truncation.smk"
 include: "rules/correction.smk"
+include: "rules/quantization.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 

@@ -14,6 +14,8 @@ Statistic kinds (:data:`STATS`; each is computed once per model and shared by ev
 * ``fisher`` (FWSVD): per target, the empirical Fisher information of ``W`` collapsed to one importance per
   input column, ``F_j = Σ_i F_ij`` with ``F_ij = (1/B) Σ_b (∂L_b/∂W_ij)²`` over ``B`` calibration batches
   (one window each by default: per-sequence gradients); FWSVD's scaling is ``d = (√F)^α``.
+* ``output_kl`` (IO-SVD): per target, the output-side metric ``C = (1/N) Σ_t Σ_{k∈top-K} p_{t,k} s sᵀ`` with
+  ``s = ∂log p_{t,k}/∂y`` (:mod:`lowrank.output_metric`; K backward passes per window, not streamed).
 * ``asvd_sensitivity`` (ASVD's rank choice, optional and expensive): calibration perplexity with one target
   alone truncated to each candidate keep ratio (:mod:`lowrank.sensitivity`).
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from .grams import gram_update
 from .model import Target, find_blocks, find_targets
+from .output_metric import OutputMetrics, collect_output_kl
 from .runtime import progress
 from .whitening import WhiteningFactor, whitening_factor
 
@@ -480,6 +483,7 @@ STATS: dict[str, Callable[..., Any]] = {
     "act_scale": collect_act_scales,
     "fisher": collect_fisher,
     "asvd_sensitivity": collect_asvd_sensitivity,
+    "output_kl": collect_output_kl,
 }
 # statistic kind -> from_tensors(tensors, metadata), the inverse of to_tensors()
 STAT_LOADERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], Any]] = {
@@ -487,6 +491,7 @@ STAT_LOADERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], Any]
     "act_scale": ActScales.from_tensors,
     "fisher": FisherColumns.from_tensors,
     "asvd_sensitivity": _load_sensitivity,
+    "output_kl": OutputMetrics.from_tensors,
 }
 
 

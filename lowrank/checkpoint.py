@@ -20,10 +20,12 @@ from .factorized import LowRankLinear
 from .io import load_tensors, read_json, save_tensors, write_json
 from .model import load_model, swap_in_low_rank
 
-__all__ = ["save_compressed", "load_compressed", "factor_state"]
+__all__ = ["save_compressed", "load_compressed", "factor_state", "save_quantized", "QUANTIZED_FORMAT"]
 
 FACTORS = "factors.safetensors"
 MANIFEST = "manifest.json"
+QUANTIZED = "model.safetensors"
+QUANTIZED_FORMAT = "lowrank-quantized/1"
 
 
 def factor_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -69,6 +71,8 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict)."""
     out_dir = Path(out_dir)
     manifest = read_json(out_dir / MANIFEST)
+    if manifest.get("format") == QUANTIZED_FORMAT:
+        return _load_quantized(out_dir, manifest, dtype, device)
     model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
     for name, rank in manifest["ranks"].items():
         swap_in_low_rank(model, name, int(rank))
@@ -79,4 +83,68 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         raise ValueError(f"factor file {out_dir / manifest['factors']} does not match its manifest "
                          f"(missing {missing}, unexpected {extra})")
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    return model.to(device).eval()
+
+
+# ---- hybrid int8 / float16 targets (lowrank.quantization) -----------------------------------------------------
+
+
+def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_path: str | os.PathLike,
+                   accounted_bytes: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write every ``QuantizedLinear`` of ``model`` (``model.safetensors``) then ``manifest.json``.
+
+    The manifest records each target's rank and int8 row counts (the skeleton to load into). The tensor bytes
+    must equal ``accounted_bytes`` (the byte accounting of :mod:`lowrank.quantization`); a mismatch raises before
+    anything is written.
+    """
+    from .quantized_linear import QuantizedLinear
+
+    out_dir = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    layouts: dict[str, Any] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            parts = ["weight"] if mod.rank is None else ["down", "up"]
+            layouts[name] = {"rank": mod.rank, "in": mod.in_features, "out": mod.out_features,
+                             "bias": mod.bias is not None,
+                             "int8_rows": {p: int(getattr(mod, p).q.shape[0]) for p in parts}}
+            for k, v in mod.state_dict().items():
+                tensors[f"{name}.{k}"] = v.contiguous()
+    stored = int(sum(t.numel() * t.element_size() for t in tensors.values()))
+    if stored != accounted_bytes:
+        raise RuntimeError(f"quantized tensors hold {stored} bytes but {accounted_bytes} were accounted")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_manifest = read_json(base_manifest_path)
+    save_tensors(out_dir / QUANTIZED, tensors, {"format": QUANTIZED_FORMAT})
+    manifest = {
+        "format": QUANTIZED_FORMAT,
+        "lowrank_version": __version__,
+        "base_manifest": os.path.relpath(Path(base_manifest_path).resolve(), out_dir.resolve()),
+        "base_architecture": base_manifest.get("architecture", {}),
+        "factors": QUANTIZED,
+        "ranks": {n: lay["rank"] for n, lay in layouts.items() if lay["rank"] is not None},
+        "layouts": layouts,
+        "tensor_bytes": stored,
+        **extra,
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
+                    device: torch.device | str) -> nn.Module:
+    from .model import replace_module
+    from .quantized_linear import QuantizedLinear
+
+    model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
+    for name, lay in manifest["layouts"].items():
+        replace_module(model, name, QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"],
+                                                    bias=lay["bias"]))
+    tensors, _ = load_tensors(out_dir / manifest["factors"])
+    expected = {f"{n}.{k}" for n in manifest["layouts"] for k in model.get_submodule(n).state_dict()}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"quantized file {out_dir / manifest['factors']} does not match its manifest "
+                         f"(missing {missing}, unexpected {extra})")
+    model.load_state_dict(tensors, strict=False)  # buffers keep their stored dtypes (int8, float16, float32)
     return model.to(device).eval()

@@ -69,11 +69,13 @@ class CorrectionResult:
 def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: list[Target],
                   windows: torch.Tensor, batch_size: int,
                   input_factor: Callable[[str], torch.Tensor | None],
-                  device: torch.device | str = "cpu", backtrack: int = 3) -> CorrectionResult:
+                  device: torch.device | str = "cpu", backtrack: int = 3,
+                  output_factor: Callable[[str], torch.Tensor | None] | None = None) -> CorrectionResult:
     """One projected correction of every factored target of ``model`` (in place), re-truncated to its rank.
 
     ``teacher[name]`` is the dense teacher weight ``W_T`` (m×n); ``input_factor(name)`` returns the whitening
-    factor ``S`` used for re-truncation (``None`` for plain SVD).
+    factor ``S`` used for re-truncation (``None`` for plain SVD); ``output_factor(name)`` the output factor ``T`` of
+    a two-sided space (IO-SVD; ``None``/omitted: one-sided).
 
     Safeguard (ours; the reference always takes the full step): the projected step has the first-order effect of
     restoring the whole residual, and at heavy compression that step is long enough for the second-order terms to
@@ -107,8 +109,10 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
             for t in progress(factored, desc=f"re-truncate (step x{scale:g})"):
                 W_k, step, bias, dtype = steps[t.name]
                 S = input_factor(t.name)
+                T = output_factor(t.name) if output_factor is not None else None
                 W_new = (W_k.to(torch.float64) + scale * step).to(device)
-                f = truncate(W_new, ranks[t.name], None if S is None else S.to(device))
+                f = truncate(W_new, ranks[t.name], None if S is None else S.to(device),
+                             None if T is None else T.to(device))
                 replace_module(model, t.name, LowRankLinear.from_factors(f.A, f.B, bias, dtype=dtype).to(W_k.device))
 
     trials: list[tuple[float, float]] = []

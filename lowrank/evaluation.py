@@ -20,7 +20,7 @@ from .factorized import LowRankLinear
 from .model import find_targets
 from .runtime import progress
 
-__all__ = ["perplexity", "model_size"]
+__all__ = ["perplexity", "model_size", "storage_bytes", "tokens_per_second"]
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def model_size(model: nn.Module) -> dict[str, int]:
     target_params, target_bytes, factored = 0, 0, 0
     for t in find_targets(model):
         mod = model.get_submodule(t.name)
-        params = list(mod.parameters())
+        params = list(mod.parameters()) or list(mod.buffers())  # int8 / float16 rows are buffers
         target_params += sum(p.numel() for p in params)
         target_bytes += sum(p.numel() * p.element_size() for p in params)
         factored += isinstance(mod, LowRankLinear)
@@ -73,3 +73,44 @@ def model_size(model: nn.Module) -> dict[str, int]:
 
 def dense_target_params(model: nn.Module) -> int:
     return sum(dense_params(t.shape) for t in find_targets(model))
+
+
+def storage_bytes(model: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Target bytes at the float16 storage the papers count, and their fraction of the dense float16 targets.
+
+    A quantized model (:mod:`lowrank.quantization`) reports its accounted bytes (equal to its tensor bytes); a
+    float model counts 2 bytes per stored target parameter (factors or dense). The dense base is
+    ``2 · Σ m n`` from the base model's architecture (or the quantized manifest).
+    """
+    if "accounted_bytes" in manifest:
+        stored, dense = int(manifest["accounted_bytes"]), int(manifest["dense_fp16_bytes"])
+    else:
+        stored = 2 * model_size(model)["target_params"]
+        dense = 2 * int(manifest.get("base_architecture", {}).get("target_params", 0))
+    return {"storage_bytes_fp16": stored, "dense_target_bytes_fp16": dense,
+            "kept_bytes_fraction": stored / dense if dense else None}
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, seq_len: int = 128, batch_size: int = 1, repeats: int = 3,
+                      device: torch.device | str = "cpu", vocab_size: int | None = None) -> dict[str, float]:
+    """Prefill throughput: tokens/s of full forwards on ``batch_size × seq_len`` random tokens (median of
+    ``repeats`` after one warm-up; CUDA is synchronised around each timing)."""
+    import time
+
+    model.eval()
+    vocab = vocab_size or int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    is_cuda = torch.device(device).type == "cuda"
+    times = []
+    for i in range(repeats + 1):
+        if is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if is_cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    return {"tokens_per_s": batch_size * seq_len / med, "seconds": med, "seq_len": seq_len, "batch_size": batch_size}

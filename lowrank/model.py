@@ -20,6 +20,10 @@ from torch import nn
 
 from .accounting import TargetShape
 from .factorized import LowRankLinear
+from .quantized_linear import QuantizedLinear
+
+# stored-compressed linears: each counts as one target, its inner modules are not targets themselves
+_COMPRESSED = (LowRankLinear, QuantizedLinear)
 
 __all__ = [
     "Target",
@@ -55,7 +59,7 @@ _CONV1D = _conv1d_class()
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear)) or (_CONV1D is not None and isinstance(module, _CONV1D))
+    return isinstance(module, (nn.Linear, *_COMPRESSED)) or (_CONV1D is not None and isinstance(module, _CONV1D))
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """``W`` in the ``y = W x`` convention (m×n), for ``nn.Linear`` and ``Conv1D`` (which stores ``Wᵀ``)."""
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return module.weight
+    if isinstance(module, QuantizedLinear):
+        return module.dense_weight()
     if _CONV1D is not None and isinstance(module, _CONV1D):
         return module.weight.T
     raise TypeError(f"not a linear layer: {type(module).__name__}")
@@ -151,12 +157,12 @@ def find_targets(model: nn.Module) -> list[Target]:
         for sub, mod in block.named_modules():
             if any(sub.startswith(f + ".") for f in factored):
                 continue
-            if isinstance(mod, LowRankLinear):
+            if isinstance(mod, _COMPRESSED):
                 factored.append(sub)
             elif (not _is_linear(mod) or id(mod) in excluded_modules
                   or mod.weight.data_ptr() in excluded_storage):
                 continue
-            if isinstance(mod, LowRankLinear):
+            if isinstance(mod, _COMPRESSED):
                 m, n = mod.out_features, mod.in_features
             else:
                 m, n = linear_weight(mod).shape

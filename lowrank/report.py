@@ -14,9 +14,12 @@ import pandas as pd
 
 from .io import atomic_path
 
-__all__ = ["results_table", "ppl_pivot", "wide_ppl", "metrics_tree", "plot_ppl", "ranks_table", "plot_ranks"]
+__all__ = ["results_table", "ppl_pivot", "bytes_pivot", "wide_ppl", "metrics_tree", "plot_ppl", "ranks_table", "plot_ranks"]
 
 _EVAL_METRICS = ("ppl", "nll", "total_params", "total_bytes", "target_params", "target_bytes", "factor_file_bytes")
+# target bytes at float16 storage (int8 rows at 1 byte + scales + masks for quantized models), and their fraction
+# of the dense float16 targets: the axis on which hybrid int8 methods and float methods compare
+_EVAL_METRICS += ("storage_bytes_fp16", "dense_target_bytes_fp16", "kept_bytes_fraction")
 
 
 def results_table(dense: list[dict[str, Any]], compressed: list[tuple[dict[str, Any], dict[str, Any]]]
@@ -146,3 +149,14 @@ def plot_ranks(ranks: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def bytes_pivot(table: pd.DataFrame) -> pd.DataFrame:
+    """Kept bytes fraction (float16 = 1) as (model, method) rows × configured kept-fraction columns."""
+    b = table[table.metric == "kept_bytes_fraction"]
+    if b.empty:
+        return pd.DataFrame()
+    wide = b.pivot_table(index=["model", "method"], columns="ratio", values="value", aggfunc="first")
+    wide = wide[sorted(wide.columns, reverse=True)]
+    wide.columns = [f"kept {c:.2f}" for c in wide.columns]
+    return wide.reset_index()

@@ -9,6 +9,9 @@ Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S 
   ``ΔL_i = −σ_i · u_iᵀ H v_i`` with ``H = ∂L/∂(W S) = G S^{-T}`` the gradient in whitened coordinates
   (``G = ∂L/∂W`` from one backward pass per calibration batch; ``S^{-T}`` applied by a triangular solve).
   ``ΔL_i > 0``: removing ``i`` is predicted to raise the loss.
+
+In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ W`` with gradient
+``G' = ∂L/∂W' = T^{-1} G``, so ``first_order`` gives ``g_i = u_iᵀ T^{-1} G S^{-T} v_i`` and ``ΔL_i = −σ_i g_i``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from .decompose import singular_values, thin_svd
 from .gradients import TargetGradients
 from .model import Target, linear_weight
 from .runtime import progress
-from .spaces import input_factor
-from .whitening import whiten
+from .spaces import input_factor, output_factor
+from .whitening import output_gradient, whiten, whiten_left
 
 __all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "score_targets"]
 
@@ -95,6 +98,9 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
         S = input_factor(whitening, t.name, stats, damping, device)
         G = gradients.G[t.name].to(device) if gradients is not None else None
+        T = output_factor(whitening, t.name, stats, device)
+        if T is not None:  # two-sided space: output coordinates W' = Tᵀ W, G' = T^{-1} G
+            W, G = whiten_left(W.to(torch.float64), T), None if G is None else output_gradient(G, T)
         sigma, score = sc.fn(W, S, G, method=decomposition)
         out[t.name] = {"sigma": sigma.cpu(), "score": score.cpu()}
     return out

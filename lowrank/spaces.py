@@ -10,6 +10,12 @@ over the output rows) to the power ``α``. The truncated SVD of ``W S`` then min
 truncation un-scales the right factor by the same triangular solve as SVD-LLM's whitening. Their exponents are
 properties of the space, stored with the statistic (one value per run, like the damping), so every method and
 scorer that works in a space sees the same ``S``.
+
+Two-sided (IO-SVD, ``io_kl``): besides ``S`` an output factor ``T`` (lower triangular, m×m) with ``T Tᵀ`` the
+damped top-K KL output metric (:mod:`lowrank.output_metric`); the decomposition is ``B = Tᵀ W S`` and
+``‖Tᵀ ΔW S‖²_F = tr(ΔWᵀ C ΔW R) ≈ 2 ΔKL``. Everything one-sided carries over by a change of output coordinates
+``W' = Tᵀ W`` (gradient ``T^{-1} G``, left factor un-whitened by ``T^{-T}``), which is how scoring and truncation
+use it; one-sided spaces have ``T = I`` and are untouched.
 """
 
 from __future__ import annotations
@@ -19,16 +25,23 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Space", "SPACES", "input_factor", "diagonal_scaling", "DIAGONAL_FLOOR"]
+__all__ = ["Space", "SPACES", "input_factor", "output_factor", "space_stats", "diagonal_scaling", "DIAGONAL_FLOOR"]
 
 
 @dataclass(frozen=True)
 class Space:
-    """``stat``: the calibration statistic kind it needs (``None``: none); ``factor(name, stat, damping, device)``."""
+    """``stat``: the calibration statistic kind it needs (``None``: none); ``factor(name, stat, damping, device)``.
+
+    Two-sided spaces (IO-SVD) also name an ``output_stat`` and an ``output(name, stat, device)`` giving the
+    lower-triangular output factor ``T`` (m×m); the decomposition is then the SVD of ``Tᵀ W S``. One-sided spaces
+    leave both ``None`` (``T = I``).
+    """
 
     stat: str | None
     factor: Callable[[str, Any, float, torch.device | str], torch.Tensor | None]
     description: str
+    output_stat: str | None = None
+    output: Callable[[str, Any, torch.device | str], torch.Tensor] | None = None
 
 
 def _identity(name: str, stat: Any, damping: float, device: torch.device | str) -> None:
@@ -67,6 +80,10 @@ def _diagonal(name: str, stat: Any, damping: float, device: torch.device | str) 
     return diagonal_scaling(stat.scale_for(name).to(device), name)
 
 
+def _output_kl(name: str, metrics: Any, device: torch.device | str) -> torch.Tensor:
+    return metrics.factor_for(name, device).S
+
+
 SPACES: dict[str, Space] = {
     "none": Space(None, _identity, "plain weights, S = I (plain SVD)"),
     "input_gram": Space("input_gram", _input_gram,
@@ -75,7 +92,18 @@ SPACES: dict[str, Space] = {
                        "activation-aware scaling, S = diag(mean|x|^α) (ASVD; α = statistics.act_scale.alpha)"),
     "fisher": Space("fisher", _diagonal,
                     "Fisher-weighted scaling, S = diag(√(Σ_i F_ij)^α) (FWSVD; α = statistics.fisher.alpha)"),
+    "io_kl": Space("input_gram", _input_gram,
+                   "two-sided whitening Tᵀ W S: S Sᵀ = XᵀX/N + εI, T Tᵀ = top-K KL output metric + λ tr/m I (IO-SVD)",
+                   output_stat="output_kl", output=_output_kl),
 }
+
+
+def space_stats(kind: str) -> tuple[str, ...]:
+    """Every calibration statistic kind whitening ``kind`` reads (input side first)."""
+    if kind not in SPACES:
+        raise ValueError(f"unknown whitening {kind!r}; choose one of {sorted(SPACES)}")
+    sp = SPACES[kind]
+    return tuple(k for k in (sp.stat, sp.output_stat) if k)
 
 
 def input_factor(kind: str, name: str, stats: dict[str, Any], damping: float,
@@ -87,3 +115,16 @@ def input_factor(kind: str, name: str, stats: dict[str, Any], damping: float,
     if space.stat is not None and space.stat not in stats:
         raise ValueError(f"whitening {kind!r} needs the {space.stat!r} statistics")
     return space.factor(name, stats.get(space.stat) if space.stat else None, damping, device)
+
+
+def output_factor(kind: str, name: str, stats: dict[str, Any], device: torch.device | str = "cpu"
+                  ) -> torch.Tensor | None:
+    """``T`` (lower triangular, m×m) of target ``name`` in whitening ``kind``; ``None`` for one-sided spaces."""
+    if kind not in SPACES:
+        raise ValueError(f"unknown whitening {kind!r}; choose one of {sorted(SPACES)}")
+    space = SPACES[kind]
+    if space.output is None:
+        return None
+    if space.output_stat not in stats:
+        raise ValueError(f"whitening {kind!r} needs the {space.output_stat!r} statistics")
+    return space.output(name, stats[space.output_stat], device)

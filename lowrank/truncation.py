@@ -6,6 +6,9 @@ Whitened (SVD-LLM): with ``S Sᵀ = C`` the damped input second moment, ``W S = 
 ``A = U_k Σ_k^{1/2}`` and ``B = Σ_k^{1/2} V_kᵀ S⁻¹`` (a triangular solve). Then
 ``‖(W − A B) S‖²_F = Σ_{i>k} σ_i²`` (Eckart-Young in the whitened metric), i.e. the expected squared output
 error per calibration token is exactly the discarded whitened energy.
+
+Two-sided (IO-SVD): with ``T Tᵀ`` the damped output metric, ``Tᵀ W S = U Σ Vᵀ``, ``A = T^{-T} U_k Σ_k^{1/2}`` and
+``B = Σ_k^{1/2} V_kᵀ S⁻¹`` (two triangular solves); ``‖Tᵀ (W − A B) S‖²_F = Σ_{i>k} σ_i²``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from .decompose import thin_svd
 from .factorized import LowRankLinear
 from .model import Target, linear_bias, linear_weight, replace_module
 from .runtime import progress
-from .spaces import SPACES, input_factor
-from .whitening import unwhiten_right, whiten
+from .spaces import SPACES, input_factor, output_factor
+from .whitening import unwhiten_left, unwhiten_right, whiten, whiten_left
 
 __all__ = ["Factors", "truncate", "truncate_model"]
 
@@ -43,14 +46,18 @@ class Factors:
         return float((self.sigma[self.rank :].double() ** 2).sum())
 
 
-def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, method: str = "svd") -> Factors:
-    """Rank-``k`` factors of ``W`` (m×n), in float64; whitened by lower-triangular ``S`` when given.
+def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, T: torch.Tensor | None = None,
+             method: str = "svd") -> Factors:
+    """Rank-``k`` factors of ``W`` (m×n), in float64; whitened by lower-triangular ``S`` (input side) and ``T``
+    (output side, ``B = Tᵀ W S``) when given.
 
-    ``method``: how ``W S`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``)."""
+    ``method``: how ``B`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``)."""
     m, n = W.shape
     if not (1 <= k <= min(m, n)):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {k}")
     W64 = W.to(torch.float64)
+    if T is not None:
+        W64 = whiten_left(W64, T.to(W64.device))  # Tᵀ W
     B_w = W64 if S is None else whiten(W64, S.to(W64.device))  # [m, n]
     U, sigma, Vh = thin_svd(B_w, method)
     root = sigma[:k].sqrt()
@@ -58,6 +65,8 @@ def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, method: str
     Bk = root[:, None] * Vh[:k]  # [k, n]
     if S is not None:
         Bk = unwhiten_right(Bk, S.to(W64.device))  # Σ_k^{1/2} V_kᵀ S⁻¹
+    if T is not None:
+        A = unwhiten_left(A, T.to(W64.device))  # T^{-T} U_k Σ_k^{1/2}
     return Factors(A=A, B=Bk, sigma=sigma)
 
 
@@ -82,7 +91,7 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
         mod = model.get_submodule(t.name)
         W = linear_weight(mod).detach()
         S = input_factor(whitening, t.name, stats, damping, device)
-        f = truncate(W.to(device), k, S, decomposition)
+        f = truncate(W.to(device), k, S, output_factor(whitening, t.name, stats, device), method=decomposition)
         bias = linear_bias(mod)
         new = LowRankLinear.from_factors(f.A, f.B, None if bias is None else bias.detach(), dtype=W.dtype)
         replace_module(model, t.name, new.to(W.device))

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WhiteningFactor", "whitening_factor", "whiten", "unwhiten_right"]
+__all__ = ["WhiteningFactor", "whitening_factor", "whiten", "unwhiten_right", "whiten_left", "unwhiten_left",
+           "output_gradient"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +88,21 @@ def whiten(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 def unwhiten_right(Y: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """``Y S⁻¹`` by a triangular solve of ``X S = Y`` (``S`` lower triangular); no inverse is formed."""
     return torch.linalg.solve_triangular(S, Y.to(S.dtype), upper=False, left=False)
+
+
+# ---- the output side (IO-SVD's two-sided whitening B = Tᵀ W S, with T T ᵀ the damped output metric) ----------
+
+
+def whiten_left(W: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``Tᵀ W``: the weight in whitened output coordinates (``T`` lower triangular, m×m)."""
+    return T.T @ W.to(T.dtype)
+
+
+def unwhiten_left(Y: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``T^{-T} Y`` by a triangular solve of ``Tᵀ X = Y`` (``Tᵀ`` upper triangular); no inverse is formed."""
+    return torch.linalg.solve_triangular(T.T, Y.to(T.dtype), upper=True, left=True)
+
+
+def output_gradient(G: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``T^{-1} G``: the loss gradient w.r.t. ``W' = Tᵀ W`` (``W = T^{-T} W'``), by solving ``T X = G``."""
+    return torch.linalg.solve_triangular(T, G.to(T.dtype), upper=False, left=True)

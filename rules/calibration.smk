@@ -4,6 +4,7 @@ from lowrank.calibration import STATS
 STAT_MODULES = {
     "fisher": ("gradients", "streaming"),
     "asvd_sensitivity": ("sensitivity", "allocation", "gradients", "spaces", "whitening"),
+    "output_kl": ("output_metric", "whitening"),
 }
 
 

@@ -99,8 +99,8 @@ def ratio_value(wc):
 
 def whitening_stats(whitening, model, source="pretrained"):
     """{stat kind: path} of the statistics a whitening space reads."""
-    stat = SPACES[whitening].stat
-    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors"} if stat else {}
+    stats = (SPACES[whitening].stat, SPACES[whitening].output_stat)  # output_stat: two-sided spaces (IO-SVD)
+    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors" for stat in stats if stat}
 
 
 def stats_for_method(wc):
@@ -136,7 +136,10 @@ def stages_of(method):
 
 
 def final_compressed(wc):
-    """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections."""
+    """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
+    quantize stage's final/ when the recipe asks for int8 storage."""
+    if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
+        return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 

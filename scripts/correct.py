@@ -8,7 +8,7 @@ from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.correction import correct_model
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, linear_weight, load_model
-from lowrank.spaces import input_factor
+from lowrank.spaces import input_factor, output_factor
 
 
 def run(smk) -> None:
@@ -29,7 +29,8 @@ def run(smk) -> None:
         res = correct_model(
             model, teacher, targets, windows, corr["batch_size"],
             lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device,
-            backtrack=corr["backtrack"])
+            backtrack=corr["backtrack"],
+            output_factor=lambda name: output_factor(method["whitening"], name, stats, st.device))
         st.log.info("stage %d: calibration loss on its %d windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
                     res.loss_before, res.loss_after, res.scale, res.trials)
         previous = read_json(smk.input.previous)

@@ -5,7 +5,7 @@ from pathlib import Path
 from _adapter import stage
 
 from lowrank.checkpoint import load_compressed
-from lowrank.evaluation import model_size, perplexity
+from lowrank.evaluation import model_size, perplexity, storage_bytes
 from lowrank.io import load_tensors, read_json, write_json
 from lowrank.model import load_model
 
@@ -15,8 +15,9 @@ def run(smk) -> None:
         if "compressed" in smk.input.keys():
             folder = Path(smk.input.compressed).parent
             model = load_compressed(folder, dtype=st.dtype, device=st.device)
-            factors = folder / read_json(smk.input.compressed)["factors"]
-            extra = {"factor_file_bytes": factors.stat().st_size}
+            manifest = read_json(smk.input.compressed)
+            factors = folder / manifest["factors"]
+            extra = {"factor_file_bytes": factors.stat().st_size, **storage_bytes(model, manifest)}
         else:
             model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
             extra = {}

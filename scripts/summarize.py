@@ -4,6 +4,7 @@ from _adapter import stage
 
 from lowrank.io import atomic_path, read_json, write_json
 from lowrank.report import metrics_tree, plot_ppl, plot_ranks, ppl_pivot, ranks_table, results_table, wide_ppl
+from lowrank.report import bytes_pivot
 
 
 def run(smk) -> None:
@@ -19,7 +20,12 @@ def run(smk) -> None:
         with atomic_path(smk.output.markdown) as tmp:
             pivot = ppl_pivot(table)
             pivot = pivot.astype(object).where(pivot.notna(), None)  # blank cells, not "nan"
-            tmp.write_text(pivot.to_markdown(index=False, floatfmt=".2f", missingval="") + "\n")
+            text = pivot.to_markdown(index=False, floatfmt=".2f", missingval="") + "\n"
+            kept_bytes = bytes_pivot(table)
+            if not kept_bytes.empty:  # the same runs on the byte axis (float16 = 1; int8 rows count 1 byte)
+                text += "\nKept bytes (fraction of the dense float16 targets):\n\n"
+                text += kept_bytes.to_markdown(index=False, floatfmt=".3f", missingval="") + "\n"
+            tmp.write_text(text)
         with atomic_path(smk.output.plot_data) as tmp:
             wide.to_csv(tmp, index=False)
         write_json(smk.output.metrics, metrics_tree(table))

@@ -33,6 +33,7 @@ from lowrank.calibration import (
 from lowrank.factorized import LowRankLinear
 from lowrank.io import save_tensors
 from lowrank.model import find_blocks, find_targets, linear_bias, linear_weight, load_source, resolve_source
+from lowrank.output_metric import collect_output_kl
 from lowrank.spaces import SPACES, diagonal_scaling, input_factor
 from lowrank.truncation import truncate, truncate_model
 
@@ -98,7 +99,8 @@ def arch(request) -> dict:
     w = windows()
     stats = {"input_gram": collect_input_grams(model, w, 4, CPU),
              "act_scale": collect_act_scales(model, w, 4, CPU, alpha=0.5),
-             "fisher": collect_fisher(model, w, 4, CPU, alpha=1.0, max_windows=4)}
+             "fisher": collect_fisher(model, w, 4, CPU, alpha=1.0, max_windows=4),
+             "output_kl": collect_output_kl(model, w, 4, CPU, top_k=3, max_windows=2)}
     with torch.no_grad():
         logits = model(input_ids=w).logits
     return {"type": mt, "model": model, "windows": w, "stats": stats, "logits": logits}

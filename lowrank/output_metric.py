@@ -1,0 +1,188 @@
+"""IO-SVD's output-side metric: a top-K second-order expansion of the KL divergence, pulled back to each target.
+
+For a position ``t`` with next-token distribution ``p_t = softmax(z_t)`` and a logit perturbation ``δz_t``,
+
+    KL(p_t ‖ softmax(z_t + δz_t)) = ½ δz_tᵀ F_t δz_t + O(‖δz‖³),
+    F_t = diag(p_t) − p_t p_tᵀ = Σ_k p_{t,k} (e_k − p_t)(e_k − p_t)ᵀ.
+
+Keeping only the K most probable tokens ``T_t`` of each position in that sum (the IO-SVD top-K restriction) and
+pulling ``e_k − p_t`` back to the output ``y_{e,t} = W_e x_{e,t}`` of target ``e`` gives the score vectors
+``s_{t,k} = ∂ log p_{t,k} / ∂ y_{e,t}`` and the output metric (m×m)
+
+    C_e = (1/N) Σ_t Σ_{k∈T_t} p_{t,k} s_{t,k} s_{t,k}ᵀ.
+
+With the input second moment ``R_e = (1/N) Σ_t x_t x_tᵀ`` and the K-FAC independence assumption between inputs
+and output gradients, a weight perturbation ``ΔW`` of target ``e`` changes the mean KL by
+
+    E[ΔKL] ≈ ½ tr(ΔWᵀ C_e ΔW R_e) = ½ ‖L_oᵀ ΔW L_i‖²_F,   C_e = L_o L_oᵀ,  R_e = L_i L_iᵀ,
+
+so the SVD of ``B = L_oᵀ W L_i`` is the rank-k minimiser of this proxy (:mod:`lowrank.spaces`, ``io_kl``).
+With one position (``N = 1``) and ``K = |V|`` the formula is exact to second order; that is what the tests check.
+
+Accumulation (a reconstruction: the IO-SVD code is not public): per batch, one forward, then K backward passes;
+pass ``k`` differentiates the scalar ``Σ_t √p_{t,k} · log p_{t, k-th token of t}`` (the weights ``√p`` are
+detached) with respect to every target's output at once (``torch.autograd.grad``), and ``Σ_t g_t g_tᵀ`` is added
+to the target's accumulator. In a causal model the gradient read at position ``t`` also carries the terms of later
+positions ``t' > t`` (their logits depend on ``y_t`` through attention); removing them would take one backward
+per position. This is the usual K-FAC / OBD-LLM approximation and is exact for ``T = 1``. Each per-pass product
+is computed in the model's dtype (at least float32) and summed into a float64 accumulator.
+
+Unlike the forward statistics, the backward passes need the whole model at once (no block streaming); the
+first ``max_windows`` calibration windows are used, to keep the cost at ``K`` backward passes per window.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Target, find_targets
+from .runtime import progress
+from .whitening import WhiteningFactor, whitening_factor
+
+__all__ = ["OutputMetrics", "collect_output_kl", "DEFAULT_TOP_K", "DEFAULT_OUTPUT_DAMPING"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5  # the sweet spot of the IO-SVD K ablation
+DEFAULT_OUTPUT_DAMPING = 1e-2  # relative: C + λ tr(C)/m I
+
+
+def _check_damping(damping: float) -> float:
+    damping = float(damping)
+    if not (damping >= 0 and damping != float("inf")):
+        raise ValueError(f"statistics.output_kl.damping must be a finite number >= 0, got {damping}")
+    return damping
+
+
+@dataclass
+class OutputMetrics:
+    """``C[target]`` (float64 m×m) per target output, the number of positions ``N``, K, and the relative damping.
+
+    ``damping`` λ is a property of the space (like ASVD's α), stored with the statistic: the output factor is the
+    lower-triangular ``L_o`` with ``L_o L_oᵀ = C + λ (tr C / m) I`` (:meth:`factor_for`).
+    """
+
+    C: dict[str, torch.Tensor]
+    tokens: int
+    top_k: int
+    damping: float = DEFAULT_OUTPUT_DAMPING
+    windows: int = 0
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.damping = _check_damping(self.damping)
+
+    def for_target(self, name: str) -> torch.Tensor:
+        if name not in self.C:
+            raise KeyError(f"no output metric for target {name!r}; recompute the output_kl statistics of this "
+                           "model (they belong to another model or an older run)")
+        return self.C[name]
+
+    def factor_for(self, name: str, device: torch.device | str = "cpu") -> WhiteningFactor:
+        """``L_o`` of target ``name`` (lower triangular, float64), cached for the last target asked."""
+        key = (name, self.damping, str(device))
+        if key not in self._factors:
+            self._factors.clear()
+            self._factors[key] = whitening_factor(self.for_target(name).to(device), damping=self.damping)
+        return self._factors[key]
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"C.{n}": c.to(torch.float32) for n, c in self.C.items()}
+        return tensors, {"kind": "output_kl", "tokens": self.tokens, "top_k": self.top_k, "damping": self.damping,
+                         "windows": self.windows}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "OutputMetrics":
+        C = {k[2:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("C.")}
+        return cls(C=C, tokens=int(meta["tokens"]), top_k=int(meta["top_k"]), damping=float(meta["damping"]),
+                   windows=int(meta.get("windows", 0)))
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(out, "weight", None)
+    return int(w.shape[0]) if w is not None else None
+
+
+def collect_output_kl(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                      targets: list[Target] | None = None, top_k: int = DEFAULT_TOP_K,
+                      max_windows: int | None = 16, windows_per_backward: int = 1,
+                      damping: float = DEFAULT_OUTPUT_DAMPING, seq_len: int | None = None) -> OutputMetrics:
+    """Top-K KL output metric ``C_e`` of every target over the first ``max_windows`` calibration windows.
+
+    ``windows_per_backward`` windows go through each forward; every forward is followed by ``top_k`` backward
+    passes; ``seq_len`` keeps only the first ``seq_len`` tokens of each window (the cost is linear in tokens, so
+    more, shorter windows see more text for the same cost). The calibration ``batch_size`` is not used (a backward
+    holds every activation). Raises
+    ``ValueError`` for ``top_k`` outside ``[1, vocabulary size]``.
+    """
+    top_k, damping = int(top_k), _check_damping(damping)
+    vocab = _vocab_size(model)
+    if top_k < 1 or (vocab is not None and top_k > vocab):
+        raise ValueError(f"statistics.output_kl.top_k must be in [1, {vocab}] (the vocabulary size), got {top_k}; "
+                         f"the IO-SVD default is {DEFAULT_TOP_K}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"statistics.output_kl.max_windows must be >= 1 or null, got {max_windows}")
+    if windows_per_backward < 1:
+        raise ValueError(f"statistics.output_kl.windows_per_backward must be >= 1, got {windows_per_backward}")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"statistics.output_kl.seq_len must be >= 1 or null, got {seq_len}")
+    targets = targets or find_targets(model)
+    used = windows if max_windows is None else windows[:max_windows]
+    used = used if seq_len is None else used[:, :seq_len]
+    modules = [model.get_submodule(t.name) for t in targets]
+    C = {t.name: torch.zeros(t.shape.m, t.shape.m, dtype=torch.float64, device=device) for t in targets}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            outputs[name] = out  # [b, T, m], part of the graph
+
+        return hook
+
+    home = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = [m.register_forward_hook(hook_for(t.name)) for t, m in zip(targets, modules)]
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    tokens = 0
+    try:
+        starts = range(0, used.shape[0], windows_per_backward)
+        for s in progress(starts, desc=f"output metric (top-{top_k})", total=len(starts)):
+            batch = used[s : s + windows_per_backward].to(device)
+            outputs.clear()
+            embeds = emb(batch).detach().requires_grad_(True)  # the graph starts here; no weight gradients
+            logits = model(inputs_embeds=embeds, use_cache=False).logits  # [b, T, V]
+            logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            top_logp, top_idx = logp.topk(top_k, dim=-1)  # [b, T, K]
+            root_p = top_logp.detach().mul(0.5).exp()  # √p_{t,k}
+            names = [t.name for t in targets]
+            ys = [outputs[n] for n in names]
+            for k in range(top_k):
+                scalar = (root_p[..., k] * top_logp[..., k]).sum()
+                grads = torch.autograd.grad(scalar, ys, retain_graph=k < top_k - 1)
+                for n, g in zip(names, grads):
+                    g2 = g.reshape(-1, g.shape[-1])  # [b·T, m] = √p_{t,k} s_{t,k}
+                    g2 = g2.to(torch.promote_types(g2.dtype, torch.float32))
+                    C[n].add_((g2.T @ g2).to(torch.float64))
+            tokens += batch.shape[0] * batch.shape[1]
+            del logits, logp, top_logp, ys, grads
+            outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+        model.to(home)
+    return OutputMetrics(C={n: (c / tokens).cpu() for n, c in C.items()}, tokens=tokens, top_k=top_k,
+                         damping=damping, windows=int(used.shape[0]))

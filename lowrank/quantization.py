@@ -1,0 +1,373 @@
+"""Hybrid low-rank + int8 storage: symmetric per-row int8 of stored matrices, byte accounting and the three modes.
+
+Quantizer: for a row ``x`` (one output row of a dense ``W``, one row of the ``up`` factor ``A ∈ R^{m×k}``, or one
+rank component of the ``down`` factor ``B ∈ R^{k×n}``), ``s = max|x| / 127`` (float32) and
+``q = clamp(round(x / s), −127, 127)`` (int8); dequantised ``x̂ = s q`` with ``|x − x̂| ≤ s/2`` per element.
+
+Storage (every target of the model, in one safetensors file), per stored matrix with ``r`` rows of ``c`` values:
+a row mask (uint8, 1 byte per row: which rows are int8), the int8 rows with their float32 scales, and the other
+rows in float16 (the papers count fp16). A matrix with ``q`` int8 rows therefore costs exactly
+
+    bytes(r, c, q) = r + q (c + 4) + (r − q) · 2c,
+
+plus ``2m`` for a bias (float16). These are the bytes of the tensors in the file: the file size is this sum plus
+the safetensors header. The byte budget is ``⌊ρ · Σ_e 2 m_e n_e⌋``: the kept fraction ``ρ`` of the dense targets
+at float16 (biases excluded from the base, counted when stored).
+
+Modes (:data:`QUANTIZERS`), all under that one byte budget and all with a greedy allocator's component order
+(``zero_sum`` or ``min_abs`` on the per-component ``ΔL``):
+
+* ``remap`` (ZS-SVD's, after Dobi-SVD): with ``m ≥ n``, the whole ``down`` factor and the first ``n`` rows of
+  ``up`` are int8 (with ``m < n``: all of ``up`` and the first ``⌈k m / n⌉`` rows of ``down``), so rank ``k``
+  costs about ``2 k max(m, n)`` bytes; the ranks are allocated with that real cost (no dead zone: full rank costs
+  what the dense matrix does). Matrices that are never cut stay dense float16.
+* ``hq``: every stored matrix is int8 (dense or factors), ranks allocated with the int8 cost.
+* ``loss_aware`` (IO-SVD+): ranks as in ``remap``; then which rows are int8 is chosen by the first-order
+  predicted loss change of quantising them, ``ΔL_row = ⟨∂L/∂row, Q(row) − row⟩`` with the calibration
+  gradient at the truncated weights (``∂L/∂A = G Bᵀ``, ``∂L/∂B = Aᵀ G``, ``∂L/∂W = G``): rows are taken in
+  ascending ``|ΔL_row|`` until the bytes fit the budget (a prefix of that order, so no unpicked row has a smaller
+  ``|ΔL_row|`` than a picked one). Rows whose int8 form is not smaller (``c ≤ 4``) are never candidates.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .accounting import TargetShape
+
+__all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
+           "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
+           "greedy_byte_ranks", "row_scores", "select_rows_loss_aware"]
+
+QMAX = 127
+FLOAT_STORAGE = torch.float16  # the float rows, dense targets and biases (what the papers count)
+FLOAT_BYTES = 2
+SCALE_BYTES = 4  # one float32 scale per int8 row
+MASK_BYTES = 1  # one uint8 flag per row
+QUANTIZERS = ("remap", "hq", "loss_aware")
+
+
+def quantize_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``s = max|x|/127`` (float32, r), ``q = round(x/s)`` (int8, r×c); zero rows → s = 0."""
+    if X.ndim != 2:
+        raise ValueError(f"quantize_rows needs a matrix, got shape {tuple(X.shape)}")
+    Xf = X.to(torch.float32)
+    s = Xf.abs().amax(dim=1) / QMAX  # [r]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(Xf / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``s q`` row by row, in ``dtype``."""
+    return q.to(dtype) * s.to(dtype)[:, None]
+
+
+def matrix_bytes(rows: int, cols: int, n_int8: int) -> int:
+    """Stored bytes of an r×c matrix with ``n_int8`` int8 rows: mask + int8 rows and scales + float16 rows."""
+    if not 0 <= n_int8 <= rows:
+        raise ValueError(f"int8 rows must be in [0, {rows}], got {n_int8}")
+    return rows * MASK_BYTES + n_int8 * (cols + SCALE_BYTES) + (rows - n_int8) * cols * FLOAT_BYTES
+
+
+def dense_fp16_bytes(shape: TargetShape) -> int:
+    """``2 m n``: the budget base of one target (dense, float16, no bias)."""
+    return FLOAT_BYTES * shape.m * shape.n
+
+
+def byte_budget(shapes: dict[str, TargetShape], kept_fraction: float) -> tuple[int, int]:
+    """``(⌊ρ · D_bytes⌋, D_bytes)`` with ``D_bytes = Σ 2 m n`` over the targets."""
+    if not 0.0 < kept_fraction <= 1.0:
+        raise ValueError(f"kept fraction must be in (0, 1], got {kept_fraction}")
+    total = sum(dense_fp16_bytes(s) for s in shapes.values())
+    return int(kept_fraction * total), total
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one target is stored: ``rank`` (None = dense) and the int8 row count of each stored matrix.
+
+    Dense: ``int8_rows = {"weight": q}``; factored: ``{"down": q_down, "up": q_up}``.
+    """
+
+    rank: int | None
+    int8_rows: dict[str, int]
+
+
+def _bias_bytes(shape: TargetShape) -> int:
+    return FLOAT_BYTES * shape.m if shape.bias else 0
+
+
+def matrix_shapes(shape: TargetShape, rank: int | None) -> dict[str, tuple[int, int]]:
+    """Row/column counts of the stored matrices of a target: ``weight`` (m×n) or ``down`` (k×n) and ``up`` (m×k)."""
+    if rank is None:
+        return {"weight": (shape.m, shape.n)}
+    return {"down": (rank, shape.n), "up": (shape.m, rank)}
+
+
+def layout_bytes(shape: TargetShape, layout: Layout) -> int:
+    return _bias_bytes(shape) + sum(matrix_bytes(r, c, layout.int8_rows[key])
+                                   for key, (r, c) in matrix_shapes(shape, layout.rank).items())
+
+
+def dense_layout(shape: TargetShape, int8: bool = False) -> Layout:
+    return Layout(None, {"weight": shape.m if int8 else 0})
+
+
+def remap_layout(shape: TargetShape, k: int | None) -> Layout:
+    """Dobi-SVD's remap as real rows: the narrow side fully int8, the first ``min(m,n)``-worth of the wide one."""
+    if k is None:
+        return dense_layout(shape)
+    m, n = shape.m, shape.n
+    if m >= n:
+        return Layout(k, {"down": k, "up": min(n, m)})
+    return Layout(k, {"up": m, "down": min(k, math.ceil(k * m / n))})
+
+
+def hq_layout(shape: TargetShape, k: int | None) -> Layout:
+    """Every row int8."""
+    if k is None:
+        return dense_layout(shape, int8=True)
+    return Layout(k, {"down": k, "up": shape.m})
+
+
+def _check_scores(shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor]) -> None:
+    missing = [n for n in shapes if n not in scores]
+    if missing:
+        raise ValueError(f"no scores for {len(missing)} targets, e.g. {missing[:2]}; rerun score_components")
+    for n, s in shapes.items():
+        if scores[n].numel() != s.full_rank:
+            raise ValueError(f"scores of {n} have {scores[n].numel()} components, its shape {s.m}x{s.n} has "
+                             f"{s.full_rank}; rerun score_components for this model")
+
+
+def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores: dict[str, torch.Tensor],
+                      layout: Callable[[TargetShape, int | None], Layout], rule: str = "zero_sum",
+                      min_rank_fraction: float = 0.0) -> dict[str, int | None]:
+    """Global greedy removal of (whitened) components until the stored bytes fit ``budget_bytes``.
+
+    The same state machine as :func:`lowrank.allocation.greedy_ranks` (per-matrix tails, ``zero_sum`` or
+    ``min_abs`` on ``ΔL``, dead-zone ΔL committed when a removal first saves bytes), with the byte cost of
+    ``layout``: a matrix at rank ``k`` stores ``min(bytes(dense), bytes(k))``. Floors: ``⌈f · min(m, n)⌉``
+    (remap's keep-rank rule), at least 1. Raises ``ValueError`` when even every matrix at its floor does not fit.
+    """
+    if rule not in ("zero_sum", "min_abs"):
+        raise ValueError(f"quantize needs a greedy allocator (zero_sum or min_abs) to order components, got {rule!r}")
+    _check_scores(shapes, scores)
+    floors = {n: max(1, math.ceil(min_rank_fraction * s.full_rank)) for n, s in shapes.items()}
+    dense = {n: layout_bytes(s, layout(s, None)) for n, s in shapes.items()}
+
+    def stored(name: str, k: int) -> int:
+        s = shapes[name]
+        return dense[name] if k >= s.full_rank else min(dense[name], layout_bytes(s, layout(s, k)))
+
+    floor_total = sum(stored(n, floors[n]) for n in shapes)
+    if floor_total > budget_bytes:
+        raise ValueError(f"byte budget {budget_bytes} is below what must stay ({floor_total} bytes with every "
+                         f"target at its rank floor in this layout); raise the kept fraction or lower "
+                         f"min_rank_fraction")
+    planned = {n: s.full_rank for n, s in shapes.items()}
+    pending = {n: 0.0 for n in shapes}
+    deltas = {n: scores[n].double().tolist() for n in shapes}
+    total = sum(dense.values())
+    pos: list[tuple[float, int, str]] = []
+    neg: list[tuple[float, int, str]] = []
+    counter = 0
+
+    def push(name: str) -> None:
+        nonlocal counter
+        k = planned[name]
+        if k <= floors[name]:
+            return
+        d = deltas[name][k - 1]
+        heapq.heappush(pos if d >= 0 else neg, (abs(d), counter, name))
+        counter += 1
+
+    for name in shapes:
+        push(name)
+    running = 0.0
+    while total > budget_bytes:
+        if not pos and not neg:  # pragma: no cover - excluded by the floor check above
+            raise ValueError(f"byte budget {budget_bytes} cannot be reached")
+        if rule == "zero_sum":
+            heap = (pos if pos else neg) if running <= 0 else (neg if neg else pos)
+        else:
+            heap = pos if (pos and (not neg or pos[0][:2] < neg[0][:2])) else neg
+        _, _, name = heapq.heappop(heap)
+        before = stored(name, planned[name])
+        planned[name] -= 1
+        saved = before - stored(name, planned[name])
+        d = deltas[name][planned[name]]
+        if saved <= 0:
+            pending[name] += d
+        else:
+            running += d + pending[name]
+            pending[name] = 0.0
+            total -= saved
+        push(name)
+    return {n: (k if k < shapes[n].full_rank and stored(n, k) < dense[n] else None) for n, k in planned.items()}
+
+
+def _quant_error(X: torch.Tensor) -> torch.Tensor:
+    q, s = quantize_rows(X)
+    return dequantize_rows(q, s, torch.float64) - X.to(torch.float64)
+
+
+def row_scores(W_or_A: torch.Tensor, B: torch.Tensor | None, G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """First-order loss change of quantising each stored row, ``⟨∂L/∂row, Q(row) − row⟩`` (float64).
+
+    Dense (``B is None``): ``{"weight": ⟨G_j, δW_j⟩}``. Factored ``W' = A B``: ``{"down": ⟨(AᵀG)_i, δB_i⟩,
+    "up": ⟨(G Bᵀ)_j, δA_j⟩}``. ``G = ∂L/∂W`` at the stored (float) weights.
+    """
+    G = G.to(torch.float64)
+    if B is None:
+        return {"weight": (G * _quant_error(W_or_A)).sum(dim=1)}
+    A, B = W_or_A.to(torch.float64), B.to(torch.float64)
+    return {"down": ((A.T @ G) * _quant_error(B)).sum(dim=1), "up": ((G @ B.T) * _quant_error(A)).sum(dim=1)}
+
+
+def select_rows_loss_aware(row_delta: dict[str, dict[str, torch.Tensor]], shapes: dict[str, TargetShape],
+                           ranks: dict[str, int | None], budget_bytes: int
+                           ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """Pick int8 rows in ascending ``|ΔL_row|`` until the stored bytes fit ``budget_bytes``.
+
+    Starts from every row in float16; each pick saves ``c − 4`` bytes (rows with ``c ≤ 4`` are not candidates).
+    Ties break by (target order, matrix, row index). Returns ``{target: {matrix: bool mask}}`` and the bytes.
+    Raises ``ValueError`` (naming the numbers) when all candidates together do not fit.
+    """
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    total = 0
+    cands: list[tuple[float, int, str, str, int, int]] = []
+    order = 0
+    for name, s in shapes.items():
+        k = ranks.get(name)
+        masks[name] = {}
+        total += _bias_bytes(s)
+        for key, (r, c) in matrix_shapes(s, k).items():
+            masks[name][key] = torch.zeros(r, dtype=torch.bool)
+            total += matrix_bytes(r, c, 0)
+            saving = matrix_bytes(r, c, 0) - matrix_bytes(r, c, 1)
+            if saving <= 0:
+                continue
+            d = row_delta[name][key].abs().tolist()
+            for i in range(r):
+                cands.append((d[i], order, name, key, i, saving))
+                order += 1
+    cands.sort(key=lambda t: (t[0], t[1]))
+    for delta, _, name, key, i, saving in cands:
+        if total <= budget_bytes:
+            break
+        masks[name][key][i] = True
+        total -= saving
+    if total > budget_bytes:
+        raise ValueError(f"byte budget {budget_bytes} cannot be met even with every row int8 ({total} bytes); "
+                         "raise the kept fraction")
+    return masks, total
+
+
+def layout_masks(shape: TargetShape, layout: Layout) -> dict[str, torch.Tensor]:
+    """Position-based int8 masks of a layout: the first ``q`` rows of each stored matrix."""
+    out = {}
+    for key, (r, _c) in matrix_shapes(shape, layout.rank).items():
+        m = torch.zeros(r, dtype=torch.bool)
+        m[: layout.int8_rows[key]] = True
+        out[key] = m
+    return out
+
+
+def layout_of_masks(rank: int | None, masks: dict[str, torch.Tensor]) -> Layout:
+    return Layout(rank, {k: int(v.sum()) for k, v in masks.items()})
+
+
+LAYOUTS: dict[str, Callable[[TargetShape, int | None], Layout]] = {
+    "remap": remap_layout, "hq": hq_layout, "loss_aware": remap_layout}
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in QUANTIZERS:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {list(QUANTIZERS)}")
+    return mode
+
+
+# ---- the whole model ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeResult:
+    """Per-target layouts, the accounted bytes and budget, and diagnostics of the row selection."""
+
+    layouts: dict[str, Layout]
+    accounted_bytes: int
+    budget_bytes: int
+    dense_bytes: int
+    diagnostics: dict[str, Any]
+
+
+@torch.no_grad()
+def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: float, scores: dict[str, torch.Tensor],
+                   factor_of: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]],
+                   rule: str = "zero_sum", min_rank_fraction: float = 0.0,
+                   gradients_of: Callable[[Any], Any] | None = None,
+                   device: torch.device | str = "cpu") -> QuantizeResult:
+    """Allocate ranks under the byte budget, truncate, choose int8 rows, swap in ``QuantizedLinear`` (in place).
+
+    ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
+    returns calibration gradients (:class:`lowrank.gradients.TargetGradients`) of the model as it is when
+    called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
+    the budget cannot be met (the ``ValueError`` comes before any change).
+    """
+    from .model import linear_bias, linear_weight, replace_module
+    from .quantized_linear import QuantizedLinear
+    from .truncation import truncate
+
+    mode = check_mode(mode)
+    if mode == "loss_aware" and gradients_of is None:
+        raise ValueError("quantization mode loss_aware needs calibration gradients")
+    shapes = {t.name: t.shape for t in targets}
+    budget, dense_total = byte_budget(shapes, kept_fraction)
+    ranks = greedy_byte_ranks(shapes, budget, scores, LAYOUTS[mode], rule, min_rank_fraction)
+    mats: dict[str, dict[str, torch.Tensor]] = {}
+    for t in targets:
+        mod = model.get_submodule(t.name)
+        W = linear_weight(mod).detach()
+        k = ranks[t.name]
+        if k is None:
+            mats[t.name] = {"weight": W.to(torch.float32).cpu()}
+            continue
+        S, T = factor_of(t.name)
+        f = truncate(W.to(device), k, S, T)
+        mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
+    diagnostics: dict[str, Any] = {"ranks": ranks}
+    if mode == "loss_aware":
+        for t in targets:  # the gradient at the truncated (float) weights
+            if ranks[t.name] is not None:
+                mod = model.get_submodule(t.name)
+                W = mats[t.name]["up"] @ mats[t.name]["down"]
+                linear_weight(mod).copy_(W)  # m×n view in either orientation (nn.Linear / Conv1D)
+        with torch.enable_grad():
+            grads = gradients_of(model)
+        deltas = {t.name: row_scores(mats[t.name].get("weight", mats[t.name].get("up")),
+                                     mats[t.name].get("down"), grads.G[t.name]) for t in targets}
+        masks, _ = select_rows_loss_aware(deltas, shapes, ranks, budget)
+        picked = torch.cat([d[key][masks[n][key]] for n, d in deltas.items() for key in d])
+        diagnostics.update({"calibration_loss_truncated": grads.loss, "int8_rows": int(picked.numel()),
+                            "rows": int(sum(v.numel() for m in masks.values() for v in m.values())),
+                            "predicted_delta_loss_int8": float(picked.sum()),
+                            "max_abs_delta_picked": float(picked.abs().max()) if picked.numel() else 0.0})
+    else:
+        masks = {t.name: layout_masks(t.shape, LAYOUTS[mode](t.shape, ranks[t.name])) for t in targets}
+    layouts = {n: layout_of_masks(ranks[n], masks[n]) for n in shapes}
+    accounted = sum(layout_bytes(shapes[n], layouts[n]) for n in shapes)
+    if accounted > budget:  # pragma: no cover - both selections guarantee it
+        raise RuntimeError(f"accounted {accounted} bytes exceed the budget {budget}")
+    for t in targets:
+        mod = model.get_submodule(t.name)
+        bias = linear_bias(mod)
+        new = QuantizedLinear.from_matrices(mats[t.name], masks[t.name], None if bias is None else bias.detach())
+        replace_module(model, t.name, new.to(linear_weight(mod).device))
+    return QuantizeResult(layouts, accounted, budget, dense_total, diagnostics)
