@@ -11,6 +11,9 @@
 #   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)
 #   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
+#   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
+#   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
+#   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
 
 from snakemake.utils import min_version
@@ -31,6 +34,7 @@ include: "rules/truncation.smk"
 include: "rules/correction.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
+include: "rules/prehab.smk"
 
 
 rule all:

@@ -219,6 +219,9 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
             rec = {"step": t, "ce": float(ce.detach()), "loss": float(loss.detach()), **logs}
             if t % max(1, log_every) == 0 or t == steps - 1:
                 result.history.append(rec)
+            if t % max(1, steps // 20) == 0 or t == steps - 1:
+                log.info("%s step %d/%d: %s", desc, t + 1, steps,
+                         ", ".join(f"{k} {v:.5g}" for k, v in rec.items() if k != "step"))
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k != "step"}, refresh=False)
             done += 1
