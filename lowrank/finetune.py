@@ -79,10 +79,11 @@ def batch_indices(n_windows: int, batch_size: int, seed: int, step: int) -> torc
 
 
 class Penalty(Protocol):
-    """A step-dependent, differentiable term added to the loss, with state that a checkpoint must carry."""
+    """A step-dependent term added to the loss, with state that a checkpoint must carry."""
 
     def __call__(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(term to add to the loss, scalars to log)."""
+        """(term to add to the loss, scalars to log). Called after the gradients are zeroed and before the CE
+        backward; a penalty may back-propagate itself into ``.grad`` and return a detached term."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
@@ -207,13 +208,13 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: torch.Tens
     try:
         for t in range(start, steps):
             batch = windows[batch_indices(windows.shape[0], batch_size, seed, t)].to(device)
-            ce, _ = causal_lm_loss(model, batch)
-            loss = ce
-            logs: dict[str, float] = {}
-            if penalty is not None:
-                term, logs = penalty(t)
-                loss = loss + term.to(loss.dtype)
             opt.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            term = None
+            if penalty is not None:  # may back-propagate its own terms into .grad (a detached term is returned)
+                term, logs = penalty(t)
+            ce, _ = causal_lm_loss(model, batch)
+            loss = ce if term is None else ce + term.to(ce.device, ce.dtype)
             loss.backward()
             opt.step()
             rec = {"step": t, "ce": float(ce.detach()), "loss": float(loss.detach()), **logs}

@@ -272,30 +272,38 @@ class RankPenalty:
         self.cfg = cfg
         self.vectors: dict[str, torch.Tensor] = {}
 
+    def _value(self, name: str, mod: nn.Module) -> torch.Tensor:
+        S = self.factors[name]
+        M = linear_weight(mod).to(S.dtype) @ S
+        if self.cfg.surrogate == "stable_rank":
+            val, v = stable_rank(M, self.vectors.get(name), self.cfg.power_iters)
+            self.vectors[name] = v.detach()
+            return val
+        if self.cfg.surrogate == "nuclear":
+            return nuclear_norm(M, self.cfg.ridge)
+        return effective_rank(M, self.cfg.ridge)
+
     def values(self) -> torch.Tensor:
         """``s(M_k)`` of every target (K,), differentiable w.r.t. the weights."""
-        vals = []
-        for name, mod in self.modules.items():
-            S = self.factors[name]
-            M = linear_weight(mod).to(S.dtype) @ S
-            if self.cfg.surrogate == "stable_rank":
-                val, v = stable_rank(M, self.vectors.get(name), self.cfg.power_iters)
-                self.vectors[name] = v.detach()
-            elif self.cfg.surrogate == "nuclear":
-                val = nuclear_norm(M, self.cfg.ridge)
-            else:
-                val = effective_rank(M, self.cfg.ridge)
-            vals.append(val)
-        return torch.stack(vals)
+        return torch.stack([self._value(name, mod) for name, mod in self.modules.items()])
 
     def __call__(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Back-propagates ``λ(t)/K · s(M_k)`` into the weights' ``.grad`` one target at a time and returns the
+        detached ``λ(t) R``: the penalty's autograd graph never holds more than one ``M_k = W_k S_k`` (a joint
+        graph would keep an fp32 copy of every target weight alive until the backward)."""
         lam = lambda_schedule(step, self.cfg.lambda0, self.cfg.lambda_max, self.cfg.warmup_steps)
-        if lam == 0:
-            with torch.no_grad():
-                R = self.values().mean()
-        else:
-            R = self.values().mean()
-        return lam * R, {"lambda": lam, "surrogate": float(R.detach())}
+        total = 0.0
+        K = len(self.modules)
+        for name, mod in self.modules.items():
+            if lam == 0:
+                with torch.no_grad():
+                    val = self._value(name, mod)
+            else:
+                val = self._value(name, mod)
+                (val * (lam / K)).backward()
+            total += float(val.detach())
+        R = total / K
+        return torch.tensor(lam * R), {"lambda": lam, "surrogate": R}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"v.{n}": v for n, v in self.vectors.items()}
