@@ -187,3 +187,22 @@ def test_missing_statistics_are_named(setup) -> None:
     grams.group_of.pop(find_targets(model)[3].name)
     with pytest.raises(ValueError, match="no input statistics for target .*calibration_stats"):
         prehab(model, windows, grams, PrehabConfig(steps=1))
+
+
+def test_rehab_trains_only_the_factors_and_lowers_the_calibration_loss(setup) -> None:
+    from lowrank.allocation import allocate
+    from lowrank.gradients import calibration_loss
+    from lowrank.rehab import factor_parameters, rehab
+    from lowrank.truncation import truncate_model
+
+    model, windows, grams = setup
+    targets = find_targets(model)
+    alloc = allocate("uniform", {t.name: t.shape for t in targets}, 0.5)
+    truncate_model(model, targets, alloc.ranks, "input_gram", {"input_gram": grams}, damping=1e-6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss0 = calibration_loss(model, windows, 4)
+    res = rehab(model, windows, steps=5, lr=1e-3, batch_size=4)
+    assert calibration_loss(model, windows, 4) < loss0 - 0.01
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(factor_parameters(model)) and len(moved) == 2 * len(targets)
+    assert res.steps == 5 and len(res.history) == 5
