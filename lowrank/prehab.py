@@ -234,11 +234,14 @@ def whitened_factors(targets: list[Target], grams: Any, damping: float, dtype: t
 @torch.no_grad()
 def whitened_spectra(model: nn.Module, targets: list[Target], factors: dict[str, torch.Tensor]
                      ) -> dict[str, torch.Tensor]:
-    """Singular values (float64, descending) of ``W_k S_k`` for every target."""
+    """Singular values (float64, descending) of ``M_k = W_k S_k`` for every target, as ``√λ`` of the smaller Gram
+    (``eigvalsh`` is several times cheaper than an SVD; values below ~1e-8 σ_max are round-off)."""
     out = {}
     for t in targets:
         W = linear_weight(model.get_submodule(t.name)).detach().to(torch.float64)
-        out[t.name] = torch.linalg.svdvals(W @ factors[t.name].to(W.device, torch.float64)).cpu()
+        M = W @ factors[t.name].to(W.device, torch.float64)
+        G = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
+        out[t.name] = torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).cpu()
     return out
 
 
