@@ -12,6 +12,9 @@
 #   {model}/{method}/{ratio}/final/                    quantize     (int8 + float16 rows under a byte budget)
 #   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
+#   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
+#   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
+#   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
 
 from snakemake.utils import min_version
@@ -33,6 +36,7 @@ include: "rules/correction.smk"
 include: "rules/quantization.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
+include: "rules/prehab.smk"
 
 
 rule all:

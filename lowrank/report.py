@@ -160,3 +160,68 @@ def bytes_pivot(table: pd.DataFrame) -> pd.DataFrame:
     wide = wide[sorted(wide.columns, reverse=True)]
     wide.columns = [f"kept {c:.2f}" for c in wide.columns]
     return wide.reset_index()
+
+
+# ---- Low-Rank Prehab report -----------------------------------------------------------------------------------
+
+__all__ += ["prehab_rows", "plot_prehab_spectra"]
+
+
+def prehab_rows(dense_before: dict[str, dict[str, Any]], dense_after: dict[str, dict[str, Any]],
+                prehab: dict[str, dict[str, Any]], evals: dict[tuple[str, str, str], dict[str, Any]],
+                pairs: dict[str, str | None], ratios: list[str]) -> list[dict[str, Any]]:
+    """One row per (model, prehab recipe, ratio): dense PPL before/after prehab, mean whitened stable and
+    effective rank of the targets before/after, compressed PPL without (the partner recipe) and with prehab.
+
+    ``evals[(model, method, ratio)]`` are evaluation records; ``prehab[model]`` the prehab manifest (``ranks``).
+    """
+    rows = []
+    for model, man in prehab.items():
+        ranks = man["ranks"]
+        for method, partner in pairs.items():
+            for r in ratios:
+                w = evals.get((model, method, r))
+                wo = evals.get((model, partner, r)) if partner else None
+                rows.append({
+                    "model": model, "method": method, "without": partner, "ratio": float(r),
+                    "dense_ppl_before": dense_before[model]["ppl"], "dense_ppl_after": dense_after[model]["ppl"],
+                    "stable_rank_before": ranks["before"]["mean_stable_rank"],
+                    "stable_rank_after": ranks["after"]["mean_stable_rank"],
+                    "effective_rank_before": ranks["before"]["mean_effective_rank"],
+                    "effective_rank_after": ranks["after"]["mean_effective_rank"],
+                    "ppl_without_prehab": wo["ppl"] if wo else None, "ppl_with_prehab": w["ppl"] if w else None,
+                    "surrogate": man["prehab"]["surrogate"], "lambda_max": man["prehab"]["lambda_max"],
+                    "steps": man["prehab"]["steps"], "lr": man["prehab"]["lr"]})
+    return rows
+
+
+def plot_prehab_spectra(spectra: dict[str, tuple[dict[str, Any], dict[str, Any]]], path: str | os.PathLike,
+                        n_targets: int = 4) -> None:
+    """Whitened singular values ``σ_i(W S)`` before (grey) and after (colour) prehab, for ``n_targets`` targets
+    evenly spaced through the model (one panel each, a row per model), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted(spectra)
+    fig, axes = plt.subplots(len(models), n_targets, figsize=(3.6 * n_targets, 3.0 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        before, after = spectra[model]
+        names = list(before)
+        picks = [names[round(j * (len(names) - 1) / max(1, n_targets - 1))] for j in range(n_targets)]
+        for ax, name in zip(axes[i], picks):
+            b, a = before[name].double(), after[name].double()
+            ax.semilogy(range(1, len(b) + 1), b.numpy(), color="0.6", lw=1.5, label="before")
+            ax.semilogy(range(1, len(a) + 1), a.numpy(), color="C3", lw=1.0, label="after prehab")
+            sr_b = float((b.square().sum() / b[0].square()))
+            sr_a = float((a.square().sum() / a[0].square()))
+            ax.set_title(f"{model}\n{name}\nstable rank {sr_b:.2f} → {sr_a:.2f}", fontsize=7)
+            ax.set_xlabel("index i")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[i][0].set_ylabel("σ_i(W S)")
+        axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -53,7 +53,7 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     method="|".join(map(re.escape, METHODS)),
     ratio=r"[01]\.\d\d",
-    source="pretrained",
+    source="pretrained|prehab",
     split="calibration|evaluation",
     stage=r"\d+",
 
@@ -99,23 +99,23 @@ def ratio_value(wc):
 
 def whitening_stats(whitening, model, source="pretrained"):
     """{stat kind: path} of the statistics a whitening space reads."""
-    stats = (SPACES[whitening].stat, SPACES[whitening].output_stat)  # output_stat: two-sided spaces (IO-SVD)
-    return {stat: f"results/{model}/{source}/stats/{stat}.safetensors" for stat in stats if stat}
+    spaces = (SPACES[whitening].stat, SPACES[whitening].output_stat)  # output_stat: two-sided spaces (IO-SVD)
+    return {stat: f"results/{model}/{stats_source(source)}/stats/{stat}.safetensors" for stat in spaces if stat}
 
 
 def stats_for_method(wc):
-    return whitening_stats(method_spec(wc)["whitening"], wc.model)
+    return whitening_stats(method_spec(wc)["whitening"], wc.model, source_of(wc.method))
 
 
 def allocator_stats(wc):
     """The statistic an allocator reads besides the scores (ASVD's sensitivity table), if any."""
     stat = ALLOCATOR_STATS.get(method_spec(wc)["allocator"])
-    return {stat: f"results/{wc.model}/pretrained/stats/{stat}.safetensors"} if stat else {}
+    return {stat: f"results/{wc.model}/{source_of(wc.method)}/stats/{stat}.safetensors"} if stat else {}
 
 
 def scores_for(wc):
     m = method_spec(wc)
-    return f"results/{wc.model}/pretrained/scores/{m['whitening']}/{m['scorer']}.safetensors"
+    return f"results/{wc.model}/{source_of(wc.method)}/scores/{m['whitening']}/{m['scorer']}.safetensors"
 
 
 def scoring_inputs(wc):
@@ -137,9 +137,12 @@ def stages_of(method):
 
 def final_compressed(wc):
     """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
-    quantize stage's final/ when the recipe asks for int8 storage."""
+    quantize stage's final/ when the recipe asks for int8 storage, or the rehab folder when it fine-tunes its
+    factors (the two exclude each other: _check_config)."""
     if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
+    if rehab_steps(wc.method) > 0:
+        return f"results/{wc.model}/{wc.method}/{wc.ratio}/rehab/manifest.json"
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
@@ -164,7 +167,7 @@ def runtime_min_for(wc, attempt):
 
 
 def final_targets():
-    return ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
+    return prehab_targets() + ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
             "results/summary/plots/ppl_vs_ratio.png", "results/summary/ranks.csv",
             "results/summary/plots/ranks.png"]
 
@@ -195,3 +198,52 @@ def gpu_mem_mb_for(wc, attempt):
     (one of >= 20 blocks, its gradients and activations) plus 24 GB for boundary activations and decompositions."""
     weights_mb = _size_b(wc) * 1000 * _DTYPE_BYTES[config["runtime"]["dtype"]]
     return int((weights_mb / 20 * 4 + 24000) * attempt) if gpu_for(wc) else 0
+
+
+# ---- prehab / rehab: which model a recipe compresses ---------------------------------------------------------
+
+
+def source_of(method):
+    """The model a recipe compresses, and whose statistics / scores / truncation it uses: prehab or pretrained."""
+    return "prehab" if config["methods"][method].get("prehab", False) else "pretrained"
+
+
+def stats_source(source):
+    """Whose calibration statistics whiten a source: its own, except prehab with reuse_prehab_whitening."""
+    if source == "prehab" and config["prehab"]["reuse_prehab_whitening"]:
+        return "pretrained"
+    return source
+
+
+def source_manifest(wc):
+    return f"results/{wc.model}/{source_of(wc.method)}/manifest.json"
+
+
+def rehab_steps(method):
+    return config["methods"][method].get("rehab", {}).get("steps", 0)
+
+
+PREHAB_METHODS = [m for m in METHODS if source_of(m) == "prehab"]
+
+
+def prehab_targets():
+    """The prehab report, only when some recipe uses prehab (no recipe without prehab ever plans it)."""
+    if not PREHAB_METHODS:
+        return []
+    return ["results/summary/prehab.md", "results/summary/prehab.json", "results/summary/plots/prehab_spectra.png"]
+
+
+def _check_prehab_config():
+    """Bad prehab input, named with its fix: settings out of range, a prehab recipe without statistics."""
+    from lowrank.prehab import PrehabConfig
+
+    settings = {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+    PrehabConfig.from_dict(settings)  # raises ValueError naming the bad value
+    for name, m in config["methods"].items():
+        if m.get("prehab") and SPACES[m["whitening"]].stat is None:
+            raise ValueError(f"method {name!r} has prehab: true but whitening {m['whitening']!r}, which reads no "
+                             "calibration statistics: prehab shapes the spectrum of W S in the input_gram space, "
+                             "so compress it there. Set whitening: input_gram (or drop prehab from the recipe)")
+
+
+_check_prehab_config()

@@ -3,7 +3,7 @@ rule correct:
     input:
         unpack(stats_for_method),
         previous=previous_stage,
-        manifest="results/{model}/pretrained/manifest.json",
+        manifest=source_manifest,
         windows="results/{model}/data/calibration.safetensors",
     output:
         factors="results/{model}/{method}/{ratio}/stage{stage}/factors.safetensors",

@@ -8,6 +8,9 @@ def _check_quantize_config():
             raise ValueError(f"method {name!r}: quantize.mode {mode!r} re-allocates ranks under the byte budget "
                              f"with a greedy allocator; set allocator to zero_sum or min_abs (not "
                              f"{m['allocator']!r})")
+        if m.get("rehab", {}).get("steps", 0) > 0:
+            raise ValueError(f"method {name!r}: rehab fine-tunes float factors, which the quantize stage replaces; "
+                             "set rehab.steps to 0 or remove quantize")
         if m["correction"]["stages"] > 0:
             raise ValueError(f"method {name!r}: quantize after correction stages is not supported; set "
                              "correction.stages to 0 or remove quantize")
@@ -20,7 +23,7 @@ rule quantize:
     """Hybrid low-rank + int8 model under the byte budget of {ratio}: ranks, factors and int8 rows (final/)."""
     input:
         unpack(stats_for_method),
-        manifest="results/{model}/pretrained/manifest.json",
+        manifest=source_manifest,
         scores=scores_for,
         windows="results/{model}/data/calibration.safetensors",
     output:

@@ -2,7 +2,7 @@ rule truncate:
     """Low-rank factors of every allocated target in the method's whitening space (stage 0)."""
     input:
         unpack(stats_for_method),
-        manifest="results/{model}/pretrained/manifest.json",
+        manifest=source_manifest,
         allocation="results/{model}/{method}/{ratio}/allocation.json",
     output:
         factors="results/{model}/{method}/{ratio}/stage0/factors.safetensors",

@@ -1,0 +1,113 @@
+# Low-Rank Prehab (a source model, results/{model}/prehab) and rehab (a fine-tune of compressed factors).
+
+
+def prehab_settings(wc=None):
+    """The prehab run's config slice (reuse_prehab_whitening only changes which statistics later stages read)."""
+    return {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+
+
+rule prehab:
+    """Fine-tune the pretrained target weights with CE + lambda(t) x rank surrogate of W S (resumable)."""
+    input:
+        manifest="results/{model}/pretrained/manifest.json",
+        windows="results/{model}/data/calibration.safetensors",
+        input_gram="results/{model}/pretrained/stats/input_gram.safetensors",
+    output:
+        manifest="results/{model}/prehab/manifest.json",
+        hf=directory("results/{model}/prehab/hf"),
+        spectra="results/{model}/prehab/spectra.safetensors",
+    params:
+        settings=prehab_settings,
+        damping=config["whitening"]["damping"],
+        runtime=runtime_spec,
+        core=core_fingerprint("prehab", "finetune", "gradients", "whitening", "calibration", "model", "factorized",
+                              "accounting"),
+    log:
+        "logs/prehab/{model}.log",
+    benchmark:
+        "benchmarks/prehab/{model}.tsv"
+    threads: 8
+    resources:
+        mem_mb=lambda wc, attempt: 2 * mem_mb_for(wc, attempt),
+        runtime=lambda wc, attempt: 4 * runtime_min_for(wc, attempt),
+    script:
+        "../scripts/prehab.py"
+
+
+def rehab_spec(wc):
+    return config["methods"][wc.method]["rehab"]
+
+
+def last_stage(wc):
+    return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
+
+
+rule rehab:
+    """Fine-tune the low-rank factors of the method's last stage on the calibration windows."""
+    input:
+        previous=last_stage,
+        manifest=source_manifest,
+        windows="results/{model}/data/calibration.safetensors",
+    output:
+        factors="results/{model}/{method}/{ratio}/rehab/factors.safetensors",
+        manifest="results/{model}/{method}/{ratio}/rehab/manifest.json",
+    params:
+        rehab=rehab_spec,
+        runtime=runtime_spec,
+        core=core_fingerprint("rehab", "finetune", "gradients", "checkpoint", "model", "factorized", "accounting"),
+    log:
+        "logs/rehab/{model}/{method}/{ratio}.log",
+    benchmark:
+        "benchmarks/rehab/{model}/{method}/{ratio}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for,
+        runtime=runtime_min_for,
+    script:
+        "../scripts/rehab.py"
+
+
+def prehab_partner(method):
+    """The same recipe without prehab / rehab, when the config has one (the 'without prehab' column)."""
+    spec = {k: v for k, v in config["methods"][method].items() if k not in ("prehab", "rehab")}
+    for other in METHODS:
+        o = config["methods"][other]
+        if source_of(other) == "pretrained" and {k: v for k, v in o.items() if k not in ("prehab", "rehab")} == spec:
+            return other
+    return None
+
+
+def prehab_report_inputs(wc=None):
+    pairs = [(m, prehab_partner(m)) for m in PREHAB_METHODS]
+    with_ = [f"results/{mo}/{m}/{r}/eval/ppl.json" for mo in MODELS for m, _ in pairs for r in RATIOS]
+    without = [f"results/{mo}/{p}/{r}/eval/ppl.json" for mo in MODELS for _, p in pairs if p for r in RATIOS]
+    return {
+        "dense_before": expand("results/{model}/pretrained/eval/ppl.json", model=MODELS),
+        "dense_after": expand("results/{model}/prehab/eval/ppl.json", model=MODELS),
+        "prehab": expand("results/{model}/prehab/manifest.json", model=MODELS),
+        "spectra": expand("results/{model}/prehab/spectra.safetensors", model=MODELS),
+        "with_prehab": with_,
+        "without_prehab": without,
+    }
+
+
+localrules:
+    prehab_report,
+
+
+rule prehab_report:
+    """Dense and compressed perplexity with / without prehab, whitened ranks before / after, spectra plot."""
+    input:
+        unpack(prehab_report_inputs),
+    output:
+        markdown="results/summary/prehab.md",
+        json="results/summary/prehab.json",
+        plot="results/summary/plots/prehab_spectra.png",
+    params:
+        pairs=lambda wc: {m: prehab_partner(m) for m in PREHAB_METHODS},
+        core=core_fingerprint("report"),
+    log:
+        "logs/prehab_report.log",
+    threads: 1
+    script:
+        "../scripts/prehab_report.py"
