@@ -10,6 +10,9 @@
 #   {model}/{method}/{ratio}/stage0/                   truncate     (factors.safetensors + manifest.json)
 #   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)
 #   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
+#   {model}/{source|method/ratio}/eval/zeroshot.json   evaluate_zeroshot(_source)  (lm-eval accuracy)
+#   {model}/{source|method/ratio}/eval/speed.json      measure_speed(_source)  (tokens/s, peak memory, bytes)
+#   tasks/lowrank_next_line.jsonl                      next_line_task (the offline zero-shot task's items)
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
 
@@ -21,6 +24,9 @@ min_version("8.0")
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/pretrained.smk"
 include: "rules/data.smk"
@@ -30,6 +36,8 @@ include: "rules/allocation.smk"
 include: "rules/truncation.smk"
 include: "rules/correction.smk"
 include: "rules/evaluation.smk"
+include: "rules/zeroshot.smk"
+include: "rules/speed.smk"
 include: "rules/report.smk"
 
 

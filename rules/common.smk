@@ -157,10 +157,25 @@ def runtime_min_for(wc, attempt):
     return int(max(30, 30 * size_b) * attempt)
 
 
+GPU_MIN_SIZE_B = 1.0  # below a billion parameters a CPU job is as fast as the GPU queue wait
+
+
+def gpus_for(wc):
+    """GPUs a model-loading job asks for: 0 on `runtime.device: cpu` or for models under GPU_MIN_SIZE_B, else 1.
+
+    A local run ignores it unless `--resources gpu=N` caps it (profiles/gpu-workstation); the SLURM plugin turns
+    it into `--gpus` (with the profile's gpu_model) and the profile routes such jobs to a GPU partition.
+    """
+    if config["runtime"]["device"] == "cpu":
+        return 0
+    return int(config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B)
+
+
 # ---- targets ------------------------------------------------------------------------------------------------
 
 
 def final_targets():
     return ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
             "results/summary/plots/ppl_vs_ratio.png", "results/summary/ranks.csv",
-            "results/summary/plots/ranks.png"]
+            "results/summary/plots/ranks.png",
+            "results/summary/plots/accuracy_vs_ratio.png", "results/summary/speed.md"]

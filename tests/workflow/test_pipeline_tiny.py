@@ -90,7 +90,8 @@ def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: P
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     jobs = planned_jobs(snakemake(wd, "-n"))
     # only the new ratio's jobs (three methods, one correction), and the summary; statistics and scores are shared
-    assert jobs == {"all": 1, "allocate": 3, "truncate": 3, "correct": 1, "evaluate_compressed": 3, "summarize": 1}
+    assert jobs == {"all": 1, "allocate": 3, "truncate": 3, "correct": 1, "evaluate_compressed": 3,
+                    "evaluate_zeroshot": 3, "measure_speed": 3, "summarize": 1}
 
 
 def test_bad_evaluation_input_fails_cleanly_and_upstream_is_not_recomputed(tiny_run: Path) -> None:
