@@ -41,5 +41,6 @@ rule calibration_stats:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/calibration_stats.py"

@@ -24,5 +24,6 @@ rule correct:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/correct.py"

@@ -21,5 +21,6 @@ rule truncate:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/truncate.py"

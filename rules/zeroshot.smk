@@ -13,7 +13,7 @@ def zeroshot_spec():
 
 def next_line_corpus():
     """The text of lowrank_next_line: its own corpus, else the evaluation corpus (held out from calibration)."""
-    return zeroshot_spec()["next_line"]["corpus"] or config["evaluation"]["corpus"]
+    return zeroshot_spec()["next_line"].get("corpus") or config["evaluation"]["corpus"]
 
 
 def has_tokenizer(model):
