@@ -238,6 +238,7 @@ def plot_accuracy(table: pd.DataFrame, path: str | os.PathLike, metric: str = "a
             ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
         ax.set_xlabel("kept fraction of target parameters")
         ax.set_ylabel(f"{metric} (zero-shot)")
+        ax.set_ylim(0, 1)
         ax.set_title(f"{model}: {task}")
         ax.invert_xaxis()
         ax.grid(True, alpha=0.3)
