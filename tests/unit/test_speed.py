@@ -8,8 +8,10 @@ import torch
 from lowrank.speed import files_bytes, measure_generation, peak_rss_mb, rss_mb
 
 
-def test_measure_generation_reports_consistent_throughputs(tiny_llama) -> None:
-    r = measure_generation(tiny_llama, prefill_tokens=16, decode_tokens=4, batch_size=2, warmup=1, repeats=3)
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_measure_generation_reports_consistent_throughputs(arch, request) -> None:
+    model = request.getfixturevalue(arch)
+    r = measure_generation(model, prefill_tokens=16, decode_tokens=4, batch_size=2, warmup=1, repeats=3)
     assert r["prefill_tok_s"] == pytest.approx(2 * 16 / r["prefill_s"])
     assert r["decode_tok_s"] == pytest.approx(2 * 4 / r["decode_s"])
     assert r["prefill_s"] > 0 and r["decode_s"] > 0
