@@ -11,6 +11,9 @@
 #   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)
 #   {model}/{method}/{ratio}/final/                    quantize     (int8 + float16 rows under a byte budget)
 #   {model}/{method}/{ratio}/eval/ppl.json             evaluate_compressed
+#   {model}/{source|method/ratio}/eval/zeroshot.json   evaluate_zeroshot(_source)  (lm-eval accuracy)
+#   {model}/{source|method/ratio}/eval/speed.json      measure_speed(_source)  (tokens/s, peak memory, bytes)
+#   tasks/lowrank_next_line.jsonl                      next_line_task (the offline zero-shot task's items)
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
 #   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
 #   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
@@ -25,6 +28,9 @@ min_version("8.0")
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/pretrained.smk"
 include: "rules/data.smk"
@@ -35,6 +41,8 @@ include: "rules/truncation.smk"
 include: "rules/correction.smk"
 include: "rules/quantization.smk"
 include: "rules/evaluation.smk"
+include: "rules/zeroshot.smk"
+include: "rules/speed.smk"
 include: "rules/report.smk"
 include: "rules/prehab.smk"
 

@@ -14,12 +14,15 @@ import pandas as pd
 
 from .io import atomic_path
 
-__all__ = ["results_table", "ppl_pivot", "bytes_pivot", "wide_ppl", "metrics_tree", "plot_ppl", "ranks_table", "plot_ranks"]
+__all__ = ["results_table", "ppl_pivot", "wide_ppl", "metrics_tree", "plot_ppl", "ranks_table", "plot_ranks",
+           "bytes_pivot", "zeroshot_table", "speed_table", "accuracy_pivot", "speed_wide", "markdown",
+           "plot_accuracy"]
 
 _EVAL_METRICS = ("ppl", "nll", "total_params", "total_bytes", "target_params", "target_bytes", "factor_file_bytes")
 # target bytes at float16 storage (int8 rows at 1 byte + scales + masks for quantized models), and their fraction
 # of the dense float16 targets: the axis on which hybrid int8 methods and float methods compare
 _EVAL_METRICS += ("storage_bytes_fp16", "dense_target_bytes_fp16", "kept_bytes_fraction")
+
 
 
 def results_table(dense: list[dict[str, Any]], compressed: list[tuple[dict[str, Any], dict[str, Any]]]
@@ -148,6 +151,106 @@ def plot_ranks(ranks: pd.DataFrame, path: str | os.PathLike) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+# ---- zero-shot accuracy and speed (records of evaluate_zeroshot* and measure_speed*) ------------------------
+
+SPEED_METRICS = ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "peak_cuda_mb", "disk_bytes", "model_bytes")
+
+
+def _row_key(rec: dict[str, Any]) -> tuple[str, str, float]:
+    """(model, method, ratio) of an evaluation record; the dense source is method ``dense`` at ratio 1.0."""
+    if "method" in rec:
+        return rec["model"], rec["method"], float(rec["ratio"])
+    return rec["model"], "dense", 1.0
+
+
+def zeroshot_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long rows ``metric = "<acc|acc_norm|acc_stderr|acc_norm_stderr>:<task>"`` from zero-shot records."""
+    rows = []
+    for rec in records:
+        model, method, ratio = _row_key(rec)
+        for task, metrics in rec["tasks"].items():
+            for k, v in metrics.items():
+                if k != "n" and v is not None:
+                    rows.append({"model": model, "method": method, "ratio": ratio, "metric": f"{k}:{task}",
+                                 "value": float(v)})
+    return pd.DataFrame(rows, columns=["model", "method", "ratio", "metric", "value"])
+
+
+def speed_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long rows of the speed metrics (tokens/s, peak memory in MiB, bytes) from speed records."""
+    rows = []
+    for rec in records:
+        model, method, ratio = _row_key(rec)
+        for k in SPEED_METRICS:
+            if rec.get(k) is not None:
+                rows.append({"model": model, "method": method, "ratio": ratio, "metric": k,
+                             "value": float(rec[k])})
+    return pd.DataFrame(rows, columns=["model", "method", "ratio", "metric", "value"])
+
+
+def accuracy_pivot(table: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """``metric`` (acc or acc_norm) as (model, task, method) rows × kept-fraction columns."""
+    sub = table[table.metric.str.startswith(f"{metric}:")].copy()
+    if sub.empty:
+        return pd.DataFrame(columns=["model", "task", "method"])
+    sub["task"] = sub.metric.str.split(":", n=1).str[1]
+    wide = sub.pivot_table(index=["model", "task", "method"], columns="ratio", values="value", aggfunc="first")
+    wide = wide[sorted(wide.columns, reverse=True)]
+    wide.columns = [f"kept {c:.2f}" for c in wide.columns]
+    return wide.reset_index()
+
+
+def speed_wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Speed metrics as (model, method, ratio) rows × metric columns, dense first."""
+    sub = table[table.metric.isin(SPEED_METRICS)]
+    if sub.empty:
+        return pd.DataFrame(columns=["model", "method", "ratio"])
+    wide = sub.pivot_table(index=["model", "method", "ratio"], columns="metric", values="value", aggfunc="first")
+    wide = wide[[m for m in SPEED_METRICS if m in wide.columns]].reset_index()
+    return wide.sort_values(["model", "ratio", "method"], ascending=[True, False, True])
+
+
+def markdown(frame: pd.DataFrame, floatfmt: str = ".2f") -> str:
+    """A pandas frame as a GitHub markdown table, blank cells for missing values."""
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_markdown(index=False, floatfmt=floatfmt, missingval="") + "\n"
+
+
+def plot_accuracy(table: pd.DataFrame, path: str | os.PathLike, metric: str = "acc") -> None:
+    """Zero-shot accuracy vs kept fraction, a panel per (model, task): a line per method, dense dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = table[table.metric.str.startswith(f"{metric}:")].copy()
+    sub["task"] = sub.metric.str.split(":", n=1).str[1]
+    panels = sorted({(r.model, r.task) for r in sub.itertuples()})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no zero-shot results in this config", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for ax, (model, task) in zip(axes[0], panels):
+        p = sub[(sub.model == model) & (sub.task == task)]
+        for method, grp in p[p.method != "dense"].groupby("method"):
+            grp = grp.sort_values("ratio")
+            ax.plot(grp.ratio, grp.value, marker="o", label=method)
+        dense = p[p.method == "dense"].value
+        if len(dense):
+            ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel("kept fraction of target parameters")
+        ax.set_ylabel(f"{metric} (zero-shot)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{model}: {task}")
+        ax.invert_xaxis()
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -42,7 +42,7 @@ rule calibration_stats:
     resources:
         mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
-        gpu=gpu_for,
+        gpu=gpus_for,
         gpu_mem_mb=gpu_mem_mb_for,
     script:
         "../scripts/calibration_stats.py"

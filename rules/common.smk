@@ -163,13 +163,28 @@ def runtime_min_for(wc, attempt):
     return int(max(30, 30 * size_b) * attempt)
 
 
+GPU_MIN_SIZE_B = 1.0  # below a billion parameters a CPU job is as fast as the GPU queue wait
+
+
+def gpus_for(wc):
+    """GPUs a model-loading job asks for: 0 on `runtime.device: cpu` or for models under GPU_MIN_SIZE_B, else 1.
+
+    A local run ignores it unless `--resources gpu=N` caps it (profiles/gpu-workstation); the SLURM plugin turns
+    it into `--gpus` (with the profile's gpu_model) and the profile routes such jobs to a GPU partition.
+    """
+    if config["runtime"]["device"] == "cpu":
+        return 0
+    return int(config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B)
+
+
 # ---- targets ------------------------------------------------------------------------------------------------
 
 
 def final_targets():
     return prehab_targets() + ["results/summary/table.csv", "results/summary/table.md", "results/summary/metrics.json",
             "results/summary/plots/ppl_vs_ratio.png", "results/summary/ranks.csv",
-            "results/summary/plots/ranks.png"]
+            "results/summary/plots/ranks.png",
+            "results/summary/plots/accuracy_vs_ratio.png", "results/summary/speed.md"]
 
 
 # ---- resources of the streamed stages (one block on the device at a time) ----------------------------------
@@ -188,16 +203,11 @@ def mem_mb_streamed_for(wc, attempt):
     return int(max(8000, 2.5 * weights_mb + 8000) * attempt)
 
 
-def gpu_for(wc):
-    """GPUs a heavy stage asks a cluster for: one unless runtime.device is cpu (a laptop ignores it)."""
-    return 0 if config["runtime"]["device"] == "cpu" else 1
-
-
 def gpu_mem_mb_for(wc, attempt):
     """Device memory a streamed stage needs, for profiles that place by GPU size: about 1/20 of the model
     (one of >= 20 blocks, its gradients and activations) plus 24 GB for boundary activations and decompositions."""
     weights_mb = _size_b(wc) * 1000 * _DTYPE_BYTES[config["runtime"]["dtype"]]
-    return int((weights_mb / 20 * 4 + 24000) * attempt) if gpu_for(wc) else 0
+    return int((weights_mb / 20 * 4 + 24000) * attempt) if gpus_for(wc) else 0
 
 
 # ---- prehab / rehab: which model a recipe compresses ---------------------------------------------------------

@@ -17,6 +17,7 @@ rule evaluate_source:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/evaluate_ppl.py"
 
@@ -40,5 +41,6 @@ rule evaluate_compressed:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/evaluate_ppl.py"

@@ -10,14 +10,23 @@ rule summarize:
                           ratio=RATIOS),
         allocations=expand("results/{model}/{method}/{ratio}/allocation.json", model=MODELS, method=METHODS,
                            ratio=RATIOS),
+        zeroshot=expand("results/{model}/pretrained/eval/zeroshot.json", model=zeroshot_models())
+        + expand("results/{model}/{method}/{ratio}/eval/zeroshot.json", model=zeroshot_models(), method=METHODS,
+                 ratio=RATIOS),
+        speed=expand("results/{model}/pretrained/eval/speed.json", model=speed_models())
+        + expand("results/{model}/{method}/{ratio}/eval/speed.json", model=speed_models(), method=METHODS,
+                 ratio=RATIOS),
     output:
-        table="results/summary/table.csv",
-        markdown="results/summary/table.md",
+        table=report("results/summary/table.csv", category="Tables", labels={"table": "long format (csv)"}),
+        markdown=report("results/summary/table.md", category="Tables", labels={"table": "perplexity and accuracy"}),
         metrics="results/summary/metrics.json",
         plot_data="results/summary/plots/ppl_vs_ratio.csv",
-        plot="results/summary/plots/ppl_vs_ratio.png",
+        plot=report("results/summary/plots/ppl_vs_ratio.png", category="Plots", labels={"plot": "perplexity"}),
         ranks="results/summary/ranks.csv",
-        ranks_plot="results/summary/plots/ranks.png",
+        ranks_plot=report("results/summary/plots/ranks.png", category="Plots", labels={"plot": "kept ranks"}),
+        accuracy_plot=report("results/summary/plots/accuracy_vs_ratio.png", category="Plots",
+                             labels={"plot": "zero-shot accuracy"}),
+        speed=report("results/summary/speed.md", category="Tables", labels={"table": "speed and memory"}),
     params:
         core=core_fingerprint("report"),
     log:

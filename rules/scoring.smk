@@ -25,7 +25,7 @@ rule score_components:
     resources:
         mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
-        gpu=gpu_for,
+        gpu=gpus_for,
         gpu_mem_mb=gpu_mem_mb_for,
     script:
         "../scripts/score_components.py"

@@ -45,7 +45,9 @@ def _config() -> dict:
         "calibration": {"corpus": {"kind": "tokens", "path": "calibration_tokens.safetensors"}, "n_samples": 8,
                         "seq_len": 16, "batch_size": 4},
         "evaluation": {"corpus": {"kind": "tokens", "path": "evaluation_tokens.safetensors"}, "seq_len": 16,
-                       "max_windows": 4},
+                       "max_windows": 4,
+                       # no tokenizers here, so no zero-shot; speed is covered by tests/unit/test_speed.py
+                       "speed": {"enabled": False}},
         "statistics": {"fisher": {"max_windows": 2}},
         "runtime": {"device": "cpu"},
     }

@@ -90,7 +90,8 @@ def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: P
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     jobs = planned_jobs(snakemake(wd, "-n"))
     # only the new ratio's jobs (three methods, one correction), and the summary; statistics and scores are shared
-    assert jobs == {"all": 1, "allocate": 3, "truncate": 3, "correct": 1, "evaluate_compressed": 3, "summarize": 1}
+    assert jobs == {"all": 1, "allocate": 3, "truncate": 3, "correct": 1, "evaluate_compressed": 3,
+                    "evaluate_zeroshot": 3, "measure_speed": 3, "summarize": 1}
 
 
 def test_bad_evaluation_input_fails_cleanly_and_upstream_is_not_recomputed(tiny_run: Path) -> None:
@@ -125,3 +126,21 @@ def test_zero_sum_allocation_and_correction_stage(tiny_run: Path) -> None:
     evaluated = read_json(r / "eval/ppl.json")
     windows = load_tensors(tiny_run / "results/tiny-llama/data/evaluation.safetensors")[0]["tokens"]
     assert perplexity(load_compressed(r / "stage1"), windows, 4)["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-6)
+
+
+def test_zero_shot_and_speed_join_the_table_and_the_html_report_builds(tiny_run: Path) -> None:
+    r = tiny_run / "results"
+    table = pd.read_csv(r / "summary/table.csv")
+    acc = table[table.metric == "acc:lowrank_next_line"]
+    assert len(acc) == 1 + 3 * 2 and acc.value.between(0, 1).all()
+    record = read_json(r / "tiny-llama/svd/0.50/eval/zeroshot.json")
+    assert record["tasks"]["lowrank_next_line"]["n"] == 12  # tiny.yaml's n_items
+    for metric in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "disk_bytes"):
+        assert (table[table.metric == metric].value > 0).sum() == 7, metric
+    disk = table[table.metric == "disk_bytes"].set_index(["method", "ratio"]).value
+    assert disk[("svd-llm", 0.5)] < disk[("svd-llm", 0.8)] < disk[("dense", 1.0)]  # factors shrink with the budget
+    assert "Zero-shot accuracy" in (r / "summary/table.md").read_text()
+    assert (r / "summary/plots/accuracy_vs_ratio.png").stat().st_size > 10_000
+    snakemake(tiny_run, "--report", "report.html")
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert "accuracy_vs_ratio.png" in html and "ppl_vs_ratio.png" in html and "lowrank_next_line" in html

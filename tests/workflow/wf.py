@@ -26,8 +26,33 @@ def write_workdir(path: Path, config: dict[str, Any] | None = None, vocab: int =
     g = torch.Generator().manual_seed(0)
     for name in ("calibration_tokens", "evaluation_tokens"):
         save_file({"tokens": torch.randint(0, vocab, (4000,), generator=g)}, str(path / f"{name}.safetensors"))
+    write_byte_tokenizer(path / "byte_tokenizer")
+    (path / "heldout_text.txt").write_text(word_lines(600, seed=1))
     (path / "config.yaml").write_text(yaml.safe_dump(config or tiny_config(), sort_keys=False))
     return path
+
+
+def write_byte_tokenizer(folder: Path) -> Path:
+    """A byte-level tokenizer whose 256 ids are the 256 byte values (for the tiny models' vocabulary of 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0]).save_pretrained(str(folder))
+    return folder
+
+
+def word_lines(n: int, seed: int = 0) -> str:
+    """``n`` seeded lines of 4-12 words: held-out "text" for the tiny zero-shot task."""
+    import random
+
+    words = ("the king queen castle sword night rose river stone light dark crown ghost storm sea fire "
+             "field horse song bell").split()
+    r = random.Random(seed)
+    return "\n".join(" ".join(r.choice(words) for _ in range(r.randint(4, 12))) for _ in range(n)) + "\n"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
