@@ -311,7 +311,7 @@ def plot_prehab_spectra(spectra: dict[str, tuple[dict[str, Any], dict[str, Any]]
     fig, axes = plt.subplots(len(models), n_targets, figsize=(3.6 * n_targets, 3.0 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         before, after = spectra[model]
-        names = list(before)
+        names = sorted(before, key=lambda n: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", n)])
         picks = [names[round(j * (len(names) - 1) / max(1, n_targets - 1))] for j in range(n_targets)]
         for ax, name in zip(axes[i], picks):
             b, a = before[name].double(), after[name].double()
