@@ -6,7 +6,7 @@ cores their absolute numbers drift. Here every model is loaded once and the roun
 Prints a markdown table; the committed table in bench/results/ was produced by
 
     python bench/speed_dense_vs_compressed.py results/smollm2-135m/pretrained/manifest.json \\
-        results/smollm2-135m/svd-llm/0.{80,60,40}/stage0 --threads 1 --rounds 5 > bench/results/speed_cpu.md
+        results/smollm2-135m/asvd/0.{80,40}/stage0 --threads 1 --rounds 3 > bench/results/speed_cpu_contended.md
 """
 
 from __future__ import annotations

@@ -125,7 +125,10 @@ def test_dry_run_plans_one_statistics_job_for_all_methods_and_ratios(workdir) ->
     # (whitening, scorer): none/sigma, input_gram/sigma, input_gram/first_order; zs-svd adds one correction stage
     assert jobs == {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "score_components": 3,
                     "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
-                    "summarize": 1}
+                    "summarize": 1,
+                    # one offline zero-shot task shared by all; zero-shot and speed per model (dense + 6)
+                    "next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 6,
+                    "measure_speed_source": 1, "measure_speed": 6}
 
 
 def test_sensitivity_allocator_plans_its_statistics(workdir) -> None:
