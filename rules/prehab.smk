@@ -30,6 +30,7 @@ rule prehab:
     resources:
         mem_mb=lambda wc, attempt: 2 * mem_mb_for(wc, attempt),
         runtime=lambda wc, attempt: 4 * runtime_min_for(wc, attempt),
+        gpu=gpus_for,
     script:
         "../scripts/prehab.py"
 
@@ -63,6 +64,7 @@ rule rehab:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/rehab.py"
 

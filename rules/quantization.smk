@@ -45,5 +45,6 @@ rule quantize:
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
+        gpu=gpus_for,
     script:
         "../scripts/quantize.py"

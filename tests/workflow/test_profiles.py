@@ -13,7 +13,7 @@ from wf import REPO, snakemake, tiny_config, write_workdir
 SLURM = str(REPO / "profiles" / "slurm")
 GPU_RULES = {"calibration_stats", "score_components", "truncate", "correct", "evaluate_source",
              "evaluate_compressed", "evaluate_zeroshot_source", "evaluate_zeroshot", "measure_speed_source",
-             "measure_speed"}
+             "measure_speed", "quantize", "prehab", "rehab"}
 
 
 def _resources(stdout: str) -> dict[str, list[dict[str, str]]]:
