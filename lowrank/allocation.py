@@ -16,8 +16,8 @@ import torch
 
 from .accounting import Budget, TargetShape, breakeven_rank, dense_params, stored_params
 
-__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "allocate_uniform", "allocate_zero_sum",
-           "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
+__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "allocate_uniform",
+           "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,17 @@ def allocate_uniform(shapes: dict[str, TargetShape], kept_fraction: float,
     return ranks
 
 
+def check_scores(shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor]) -> None:
+    """Every target has one score per component (``min(m, n)``), else a ``ValueError`` naming the fix."""
+    missing = [n for n in shapes if n not in scores]
+    if missing:
+        raise ValueError(f"no scores for {len(missing)} targets, e.g. {missing[:2]}; rerun score_components")
+    for n, s in shapes.items():
+        if scores[n].numel() != s.full_rank:
+            raise ValueError(f"scores of {n} have {scores[n].numel()} components, its shape {s.m}x{s.n} has "
+                             f"{s.full_rank}; rerun score_components for this model")
+
+
 def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: dict[str, torch.Tensor],
                  rule: str = "zero_sum", min_rank_fraction: float = 0.0) -> tuple[dict[str, int | None], list[float]]:
     """Global greedy removal of whitened components under one parameter budget.
@@ -106,13 +117,7 @@ def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: d
 
     if rule not in ("zero_sum", "min_abs"):
         raise ValueError(f"unknown greedy rule {rule!r}; choose zero_sum or min_abs")
-    missing = [n for n in shapes if n not in scores]
-    if missing:
-        raise ValueError(f"no scores for {len(missing)} targets, e.g. {missing[:2]}; rerun score_components")
-    for n, s in shapes.items():
-        if scores[n].numel() != s.full_rank:
-            raise ValueError(f"scores of {n} have {scores[n].numel()} components, its shape {s.m}x{s.n} has "
-                             f"{s.full_rank}; rerun score_components for this model")
+    check_scores(shapes, scores)
     total = sum(dense_params(s) for s in shapes.values())
     to_remove = total - int(kept_fraction * total)
     r_star = {n: breakeven_rank(s) for n, s in shapes.items()}

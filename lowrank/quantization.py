@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .accounting import TargetShape
+from .allocation import check_scores
 
 __all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
            "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
@@ -136,16 +137,6 @@ def hq_layout(shape: TargetShape, k: int | None) -> Layout:
     return Layout(k, {"down": k, "up": shape.m})
 
 
-def _check_scores(shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor]) -> None:
-    missing = [n for n in shapes if n not in scores]
-    if missing:
-        raise ValueError(f"no scores for {len(missing)} targets, e.g. {missing[:2]}; rerun score_components")
-    for n, s in shapes.items():
-        if scores[n].numel() != s.full_rank:
-            raise ValueError(f"scores of {n} have {scores[n].numel()} components, its shape {s.m}x{s.n} has "
-                             f"{s.full_rank}; rerun score_components for this model")
-
-
 def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores: dict[str, torch.Tensor],
                       layout: Callable[[TargetShape, int | None], Layout], rule: str = "zero_sum",
                       min_rank_fraction: float = 0.0) -> dict[str, int | None]:
@@ -158,7 +149,7 @@ def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores:
     """
     if rule not in ("zero_sum", "min_abs"):
         raise ValueError(f"quantize needs a greedy allocator (zero_sum or min_abs) to order components, got {rule!r}")
-    _check_scores(shapes, scores)
+    check_scores(shapes, scores)
     floors = {n: max(1, math.ceil(min_rank_fraction * s.full_rank)) for n, s in shapes.items()}
     dense = {n: layout_bytes(s, layout(s, None)) for n, s in shapes.items()}
 

@@ -35,7 +35,7 @@ rule quantize:
         damping=config["whitening"]["damping"],
         ratio=ratio_value,
         runtime=runtime_spec,
-        core=core_fingerprint("quantization", "quantized_linear", "truncation", "gradients", "spaces", "whitening",
+        core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces", "whitening",
                               "output_metric", "checkpoint", "calibration", "model", "factorized", "accounting"),
     log:
         "logs/quantize/{model}/{method}/{ratio}.log",
