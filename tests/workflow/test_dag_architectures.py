@@ -46,8 +46,8 @@ def _config() -> dict:
                         "seq_len": 16, "batch_size": 4},
         "evaluation": {"corpus": {"kind": "tokens", "path": "evaluation_tokens.safetensors"}, "seq_len": 16,
                        "max_windows": 4,
-                       # no tokenizers here, so no zero-shot; speed is covered by tests/unit/test_speed.py
-                       "speed": {"enabled": False}},
+                       # no tokenizers or text here, so no zero-shot; speed is covered by tests/unit/test_speed.py
+                       "zeroshot": {"tasks": []}, "speed": {"enabled": False}},
         "statistics": {"fisher": {"max_windows": 2}},
         "runtime": {"device": "cpu"},
     }
