@@ -9,6 +9,7 @@ The total kept is then at most ``⌊ρ D⌋`` by construction. ``None`` as a ran
 from __future__ import annotations
 
 import math
+import heapq
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import torch
 
 from .accounting import Budget, TargetShape, breakeven_rank, dense_params, stored_params
 
-__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "allocate_uniform",
+__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "GreedyTails", "allocate_uniform",
            "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
 
 
@@ -91,6 +92,53 @@ def check_scores(shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor]
                              f"{s.full_rank}; rerun score_components for this model")
 
 
+class GreedyTails:
+    """The candidates of a global greedy removal: the last kept component of every matrix's σ tail.
+
+    ``planned[n]`` components ``[0, planned)`` of matrix ``n`` are kept; its candidate is component
+    ``planned − 1`` with score ``ΔL``, held in one of two min-heaps by ``|ΔL|`` (``ΔL ≥ 0`` and ``ΔL < 0``), ties
+    broken by push order (deterministic). A matrix at its floor has no candidate. :meth:`pop` picks by ``rule``:
+    ``zero_sum`` takes the sign that moves the running sum of ``ΔL`` toward zero (positive when it is ``≤ 0``),
+    ``min_abs`` the smallest ``|ΔL|`` of either sign. Shared by parameter (:func:`greedy_ranks`) and byte
+    (:func:`lowrank.quantization.greedy_byte_ranks`) budgets, which differ only in their accounting.
+    """
+
+    def __init__(self, shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor],
+                 floors: dict[str, int]) -> None:
+        self.planned = {n: s.full_rank for n, s in shapes.items()}
+        self.floors = floors
+        self._deltas = {n: scores[n].double().tolist() for n in shapes}
+        self._pos: list[tuple[float, int, str]] = []
+        self._neg: list[tuple[float, int, str]] = []
+        self._counter = 0
+        for name in shapes:
+            self._push(name)
+
+    def _push(self, name: str) -> None:
+        k = self.planned[name]
+        if k <= self.floors[name]:
+            return
+        d = self._deltas[name][k - 1]
+        heapq.heappush(self._pos if d >= 0 else self._neg, (abs(d), self._counter, name))
+        self._counter += 1
+
+    def empty(self) -> bool:
+        return not self._pos and not self._neg
+
+    def pop(self, rule: str, running: float) -> tuple[str, float]:
+        """Remove the chosen candidate from its matrix; returns the matrix and the removed component's ``ΔL``."""
+        pos, neg = self._pos, self._neg
+        if rule == "zero_sum":
+            heap = (pos if pos else neg) if running <= 0 else (neg if neg else pos)
+        else:
+            heap = pos if (pos and (not neg or pos[0][:2] < neg[0][:2])) else neg
+        _, _, name = heapq.heappop(heap)
+        self.planned[name] -= 1
+        d = self._deltas[name][self.planned[name]]
+        self._push(name)
+        return name, d
+
+
 def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: dict[str, torch.Tensor],
                  rule: str = "zero_sum", min_rank_fraction: float = 0.0) -> tuple[dict[str, int | None], list[float]]:
     """Global greedy removal of whitened components under one parameter budget.
@@ -113,8 +161,6 @@ def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: d
     pushed (deterministic). Returns the ranks and the committed running sum after each committing step (a
     dead-zone selection commits nothing until its matrix reaches ``r*``).
     """
-    import heapq
-
     if rule not in ("zero_sum", "min_abs"):
         raise ValueError(f"unknown greedy rule {rule!r}; choose zero_sum or min_abs")
     check_scores(shapes, scores)
@@ -122,37 +168,18 @@ def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: d
     to_remove = total - int(kept_fraction * total)
     r_star = {n: breakeven_rank(s) for n, s in shapes.items()}
     floors = {n: max(1, int(math.ceil(min_rank_fraction * r_star[n]))) for n in shapes}
-    planned = {n: s.full_rank for n, s in shapes.items()}  # tail pointer: components [0, planned) kept
+    # a matrix whose floor lies above its break-even rank can never be factored: it is never a candidate
+    tails = GreedyTails(shapes, scores, {n: (floors[n] if r_star[n] >= floors[n] else s.full_rank)
+                                         for n, s in shapes.items()})
+    planned = tails.planned  # tail pointer: components [0, planned) kept
     pending = {n: 0.0 for n in shapes}  # ΔL chosen in the dead zone, committed when r* is crossed
-    deltas = {n: scores[n].double().tolist() for n in shapes}
-    pos: list[tuple[float, int, str]] = []
-    neg: list[tuple[float, int, str]] = []
-    counter = 0
-
-    def push(name: str) -> None:
-        nonlocal counter
-        k = planned[name]
-        if k <= floors[name] or r_star[name] < floors[name]:
-            return
-        d = deltas[name][k - 1]
-        heapq.heappush(pos if d >= 0 else neg, (abs(d), counter, name))
-        counter += 1
-
-    for name in shapes:
-        push(name)
     removed, running, trace = 0, 0.0, []
     while removed < to_remove:
-        if not pos and not neg:
+        if tails.empty():
             raise ValueError(f"kept fraction {kept_fraction} cannot be reached: every matrix is at its rank "
                              f"floor (min_rank_fraction {min_rank_fraction}); lower the floor or raise the ratio")
-        if rule == "zero_sum":
-            heap = (pos if pos else neg) if running <= 0 else (neg if neg else pos)
-        else:
-            heap = pos if (pos and (not neg or pos[0][:2] < neg[0][:2])) else neg
-        _, _, name = heapq.heappop(heap)
+        name, d = tails.pop(rule, running)
         s = shapes[name]
-        planned[name] -= 1
-        d = deltas[name][planned[name]]
         if planned[name] > r_star[name]:
             pending[name] += d  # still dense: no credit, not yet in the ledger
         else:
@@ -163,7 +190,6 @@ def greedy_ranks(shapes: dict[str, TargetShape], kept_fraction: float, scores: d
                 removed += s.m + s.n
             running += d
             trace.append(running)
-        push(name)
     ranks = {n: (k if k <= r_star[n] else None) for n, k in planned.items()}
     return ranks, trace
 

@@ -31,7 +31,6 @@ Modes (:data:`QUANTIZERS`), all under that one byte budget and all with a greedy
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from .accounting import TargetShape
-from .allocation import check_scores
+from .allocation import GreedyTails, check_scores
 
 __all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
            "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
@@ -162,45 +161,22 @@ def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores:
         raise ValueError(f"byte budget {budget_bytes} is below what must stay ({floor_total} bytes with every "
                          f"target at its rank floor in this layout); raise the kept fraction or lower "
                          f"min_rank_fraction")
-    planned = {n: s.full_rank for n, s in shapes.items()}
+    tails = GreedyTails(shapes, scores, floors)
+    planned = tails.planned
     pending = {n: 0.0 for n in shapes}
-    deltas = {n: scores[n].double().tolist() for n in shapes}
     total = sum(dense.values())
-    pos: list[tuple[float, int, str]] = []
-    neg: list[tuple[float, int, str]] = []
-    counter = 0
-
-    def push(name: str) -> None:
-        nonlocal counter
-        k = planned[name]
-        if k <= floors[name]:
-            return
-        d = deltas[name][k - 1]
-        heapq.heappush(pos if d >= 0 else neg, (abs(d), counter, name))
-        counter += 1
-
-    for name in shapes:
-        push(name)
     running = 0.0
     while total > budget_bytes:
-        if not pos and not neg:  # pragma: no cover - excluded by the floor check above
+        if tails.empty():  # pragma: no cover - excluded by the floor check above
             raise ValueError(f"byte budget {budget_bytes} cannot be reached")
-        if rule == "zero_sum":
-            heap = (pos if pos else neg) if running <= 0 else (neg if neg else pos)
-        else:
-            heap = pos if (pos and (not neg or pos[0][:2] < neg[0][:2])) else neg
-        _, _, name = heapq.heappop(heap)
-        before = stored(name, planned[name])
-        planned[name] -= 1
-        saved = before - stored(name, planned[name])
-        d = deltas[name][planned[name]]
+        name, d = tails.pop(rule, running)
+        saved = stored(name, planned[name] + 1) - stored(name, planned[name])
         if saved <= 0:
             pending[name] += d
         else:
             running += d + pending[name]
             pending[name] = 0.0
             total -= saved
-        push(name)
     return {n: (k if k < shapes[n].full_rank and stored(n, k) < dense[n] else None) for n, k in planned.items()}
 
 
