@@ -66,6 +66,16 @@ def save_compressed(out_dir: str | os.PathLike, model: nn.Module, base_manifest_
     return manifest
 
 
+def _load_module_tensors(model: nn.Module, names: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, which must be exactly the state of the modules ``names`` of ``model``."""
+    tensors, _ = load_tensors(path)
+    expected = {f"{n}.{k}" for n in names for k in model.get_submodule(n).state_dict()}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"{what} {path} does not match its manifest (missing {missing}, unexpected {extra})")
+    return tensors
+
+
 def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> nn.Module:
     """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict)."""
@@ -76,12 +86,7 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
     for name, rank in manifest["ranks"].items():
         swap_in_low_rank(model, name, int(rank))
-    tensors, _ = load_tensors(out_dir / manifest["factors"])
-    expected = {f"{n}.{k}" for n in manifest["ranks"] for k in model.get_submodule(n).state_dict()}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise ValueError(f"factor file {out_dir / manifest['factors']} does not match its manifest "
-                         f"(missing {missing}, unexpected {extra})")
+    tensors = _load_module_tensors(model, manifest["ranks"], out_dir / manifest["factors"], "factor file")
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     return model.to(device).eval()
 
@@ -140,11 +145,6 @@ def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
     for name, lay in manifest["layouts"].items():
         replace_module(model, name, QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"],
                                                     bias=lay["bias"]))
-    tensors, _ = load_tensors(out_dir / manifest["factors"])
-    expected = {f"{n}.{k}" for n in manifest["layouts"] for k in model.get_submodule(n).state_dict()}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise ValueError(f"quantized file {out_dir / manifest['factors']} does not match its manifest "
-                         f"(missing {missing}, unexpected {extra})")
+    tensors = _load_module_tensors(model, manifest["layouts"], out_dir / manifest["factors"], "quantized file")
     model.load_state_dict(tensors, strict=False)  # buffers keep their stored dtypes (int8, float16, float32)
     return model.to(device).eval()

@@ -70,6 +70,16 @@ def metrics_tree(table: pd.DataFrame) -> dict[str, Any]:
     return tree
 
 
+def _method_lines(ax: Any, rows: pd.DataFrame) -> None:
+    """One line per compressed method of ``rows`` (value vs kept fraction), the dense value as a dashed line."""
+    for method, grp in rows[rows.method != "dense"].groupby("method"):
+        grp = grp.sort_values("ratio")
+        ax.plot(grp.ratio, grp.value, marker="o", label=method)
+    dense = rows[rows.method == "dense"].value
+    if len(dense):
+        ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
+
+
 def plot_ppl(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """Perplexity (log scale) vs kept fraction, one line per method and a dashed line for the dense model."""
     import matplotlib
@@ -82,12 +92,7 @@ def plot_ppl(table: pd.DataFrame, path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         sub = ppl[ppl.model == model]
-        for method, grp in sub[sub.method != "dense"].groupby("method"):
-            grp = grp.sort_values("ratio")
-            ax.plot(grp.ratio, grp.value, marker="o", label=method)
-        dense = sub[sub.method == "dense"].value
-        if len(dense):
-            ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
+        _method_lines(ax, sub)
         ax.set_yscale("log")
         ax.set_xlabel("kept fraction of target parameters")
         ax.set_ylabel("perplexity (held-out)")
@@ -235,12 +240,7 @@ def plot_accuracy(table: pd.DataFrame, path: str | os.PathLike, metric: str = "a
         axes[0][0].set_axis_off()
     for ax, (model, task) in zip(axes[0], panels):
         p = sub[(sub.model == model) & (sub.task == task)]
-        for method, grp in p[p.method != "dense"].groupby("method"):
-            grp = grp.sort_values("ratio")
-            ax.plot(grp.ratio, grp.value, marker="o", label=method)
-        dense = p[p.method == "dense"].value
-        if len(dense):
-            ax.axhline(float(dense.iloc[0]), color="k", ls="--", lw=1, label="dense")
+        _method_lines(ax, p)
         ax.set_xlabel("kept fraction of target parameters")
         ax.set_ylabel(f"{metric} (zero-shot)")
         ax.set_ylim(0, 1)
