@@ -9,8 +9,10 @@ from snakemake.utils import validate
 validate(config, "../schemas/config.schema.yaml")
 
 import lowrank.data
+import lowrank.io
 import lowrank.model
-from lowrank.allocation import ALLOCATOR_STATS
+from lowrank.accounting import TargetShape
+from lowrank.allocation import ALLOCATOR_STATS, check_recipes_reachable
 from lowrank.scoring import SCORERS
 from lowrank.spaces import SPACES
 
@@ -27,14 +29,30 @@ def _check_config():
             raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
                              "their predicted loss change; use scorer first_order (sigma values of different "
                              "matrices are not comparable)")
+    for r in config["ratios"]:  # the {ratio} folder must say the kept fraction the allocation uses
+        if abs(float(r) * 100 - round(float(r) * 100)) > 1e-9:
+            raise ValueError(f"ratio {r} has more than two decimals: its folder would be {ratio_label(r)} but the "
+                             f"kept fraction {r}; use a ratio with two decimals (e.g. {ratio_label(r)})")
     labels = [ratio_label(r) for r in config["ratios"]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"ratios {config['ratios']} collide at two decimals ({labels}); use distinct values")
+    for kind in ("models", "methods"):  # folder names: one per name on a case-insensitive file system too
+        folded = {}
+        for name in config[kind]:
+            if name.lower() in folded:
+                raise ValueError(f"{kind} {folded[name.lower()]!r} and {name!r} differ only in case: their results "
+                                 "folders collide on a case-insensitive file system; rename one")
+            folded[name.lower()] = name
     for name, spec in config["models"].items():
         try:
             lowrank.model.resolve_source(spec)
-        except (FileNotFoundError, KeyError) as e:
+        except (FileNotFoundError, KeyError, ValueError) as e:
             raise ValueError(f"models.{name}: {e}") from None
+        manifest = Path(f"results/{name}/pretrained/manifest.json")  # known shapes: refuse unreachable ratios now
+        if manifest.is_file():
+            shapes = lowrank.io.read_json(manifest)["architecture"].get("target_shapes")
+            if shapes:
+                check_recipes_reachable([TargetShape(*t) for t in shapes], config["ratios"], config["methods"], name)
     lowrank.data.check_disjoint(config["calibration"]["corpus"], config["evaluation"]["corpus"])
 
 
@@ -71,6 +89,16 @@ def core_fingerprint(*modules):
 
 def model_spec(wc):
     return config["models"][wc.model]
+
+
+_FINGERPRINTS = {}
+
+
+def source_fingerprint_of(wc):
+    """Content fingerprint of the model's local files (computed once per run)."""
+    if wc.model not in _FINGERPRINTS:
+        _FINGERPRINTS[wc.model] = lowrank.model.source_fingerprint(model_spec(wc))
+    return _FINGERPRINTS[wc.model]
 
 
 def method_spec(wc):
