@@ -1,6 +1,7 @@
 # Validation, wildcard constraints and the helpers every rule uses. No rules here.
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -32,17 +33,17 @@ def _check_config():
     for r in config["ratios"]:  # the {ratio} folder must say the kept fraction the allocation uses
         if abs(float(r) * 100 - round(float(r) * 100)) > 1e-9:
             raise ValueError(f"ratio {r} has more than two decimals: its folder would be {ratio_label(r)} but the "
-                             f"kept fraction {r}; use a ratio with two decimals (e.g. {ratio_label(r)})")
+                             f"kept fraction {r}; use a ratio with two decimals (e.g. "
+                             f"{ratio_label(math.ceil(float(r) * 100) / 100)})")
     labels = [ratio_label(r) for r in config["ratios"]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"ratios {config['ratios']} collide at two decimals ({labels}); use distinct values")
-    for kind in ("models", "methods"):  # folder names: one per name on a case-insensitive file system too
-        folded = {}
-        for name in config[kind]:
-            if name.lower() in folded:
-                raise ValueError(f"{kind} {folded[name.lower()]!r} and {name!r} differ only in case: their results "
-                                 "folders collide on a case-insensitive file system; rename one")
-            folded[name.lower()] = name
+    folded = {}  # model folders must differ on a case-insensitive file system too (method names are lower case)
+    for name in config["models"]:
+        if name.lower() in folded:
+            raise ValueError(f"models {folded[name.lower()]!r} and {name!r} differ only in case: their results "
+                             "folders collide on a case-insensitive file system; rename one")
+        folded[name.lower()] = name
     for name, spec in config["models"].items():
         try:
             lowrank.model.resolve_source(spec)
