@@ -40,6 +40,7 @@ __all__ = [
     "weight_is_transposed",
     "resolve_source",
     "source_fingerprint",
+    "source_paths",
     "check_finite_weights",
     "load_source",
     "materialize_source",
@@ -327,6 +328,19 @@ def source_fingerprint(spec: dict[str, Any]) -> str:
     elif resolved["kind"] == "random_init" and resolved.get("tokenizer") and Path(resolved["tokenizer"]).exists():
         files = {f"tokenizer/{k}": v for k, v in _folder_fingerprint(Path(resolved["tokenizer"])).items()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_paths(spec: dict[str, Any]) -> list[str]:
+    """The local files or folders a ``models.<key>`` source reads outside an installed package (absolute): the
+    ``hf`` folder, the ``gguf_file``, a random-init ``tokenizer`` folder. DVC must see them as dependencies."""
+    resolved = resolve_source(spec)
+    if resolved["kind"] == "hf" and not resolved.get("hub"):
+        return [resolved["path"]]
+    if resolved["kind"] == "gguf" and spec.get("source") == "gguf_file":
+        return [str(Path(resolved["folder"]) / resolved["gguf_file"])]
+    if resolved["kind"] == "random_init" and resolved.get("tokenizer") and Path(resolved["tokenizer"]).exists():
+        return [str(Path(resolved["tokenizer"]).resolve())]
+    return []
 
 
 def check_finite_weights(model: nn.Module, what: str) -> None:

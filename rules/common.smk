@@ -57,11 +57,30 @@ def _check_config():
     lowrank.data.check_disjoint(config["calibration"]["corpus"], config["evaluation"]["corpus"])
 
 
+def _check_dvc_deps():
+    """Local model files are inputs of the results: warn when the run folder's dvc.yaml does not list them as deps
+    of its stage (DVC would call results up to date after the weights change), with the lines to add."""
+    dvc = Path("dvc.yaml")
+    if not dvc.is_file():
+        return
+    import yaml
+    from snakemake.logging import logger
+
+    stages = (yaml.safe_load(dvc.read_text()) or {}).get("stages", {})
+    deps = [Path(d).resolve() for st in stages.values() for d in (st.get("deps") or [])]
+    for name, spec in config["models"].items():
+        for p in lowrank.model.source_paths(spec):
+            if not any(Path(p) == d or d in Path(p).parents for d in deps):
+                logger.warning(f"models.{name}: {p} is not a dependency in dvc.yaml, so `dvc repro` would not see a "
+                               f"change of it; add `- {p}` to the deps of its stage")
+
+
 def ratio_label(r):
     return f"{float(r):.2f}"
 
 
 _check_config()
+_check_dvc_deps()
 
 MODELS = list(config["models"])
 METHODS = list(config["methods"])

@@ -133,3 +133,19 @@ def test_rewritten_source_files_rerun_the_pretrained_stage(stopped_run) -> None:
     tok.write_text(tok.read_text() + " ")  # same tokenizer, other bytes: in-place edits are seen
     os.utime(tok.parent, ns=(folder_mtime, folder_mtime))
     assert planned_jobs(snakemake(wd, "-n"))["pretrained"] == 1
+
+
+def test_local_model_files_missing_from_dvc_deps_are_named(tmp_path, caplog) -> None:
+    wd = write_workdir(tmp_path / "run")
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    (wd / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    tok = str((wd / "byte_tokenizer").resolve())
+    with caplog.at_level("WARNING"):
+        assert parse_error(wd) == ""
+    assert f"models.tiny-llama: {tok} is not a dependency in dvc.yaml" in caplog.text
+    caplog.clear()
+    dvc["stages"]["pipeline"]["deps"].append(tok)
+    (wd / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    with caplog.at_level("WARNING"):
+        assert parse_error(wd) == ""
+    assert "is not a dependency in dvc.yaml" not in caplog.text
