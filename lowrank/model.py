@@ -292,17 +292,37 @@ def _file_fingerprint(p: Path) -> list[Any]:
     st = p.stat()
     h = hashlib.sha256()
     with open(p, "rb") as f:
+        header = _safetensors_header(f, p, st.st_size) if p.suffix == ".safetensors" else b""
         if st.st_size <= _SMALL_FILE:
+            f.seek(0)
             h.update(f.read())
             return [st.st_size, h.hexdigest()[:16]]
         if p.suffix == ".safetensors":
-            n = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(n, 100 << 20)))
+            h.update(header)
         else:
             h.update(f.read(1 << 20))
             f.seek(max(0, st.st_size - (1 << 20)))
             h.update(f.read())
     return [st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
+
+
+def _safetensors_header(f: Any, p: Path, size: int) -> bytes:
+    """The JSON header of an open safetensors file, refusing a file that is truncated or not safetensors (an
+    interrupted copy or download) with its name, before any job loads it."""
+    fix = "copy or download it again"
+    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{p} is not a complete safetensors file ({size} bytes, header of {n}); {fix}")
+    header = f.read(n)
+    try:
+        entries = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{p} has an unreadable safetensors header; {fix}") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{p} is truncated or padded: its header describes {8 + n + end} bytes, the file has "
+                         f"{size}; {fix}")
+    return header
 
 
 def _folder_fingerprint(folder: Path) -> dict[str, list[Any]]:

@@ -19,6 +19,7 @@ from lowrank.spaces import SPACES
 
 RESERVED = {"pretrained", "prehab", "data", "summary", "dense"}
 REPO = Path(workflow.basedir)
+_FINGERPRINTS = {}  # models.<key> -> content fingerprint of its local files, computed once when parsed
 
 
 def _check_config():
@@ -45,8 +46,8 @@ def _check_config():
                              "folders collide on a case-insensitive file system; rename one")
         folded[name.lower()] = name
     for name, spec in config["models"].items():
-        try:
-            lowrank.model.resolve_source(spec)
+        try:  # resolves the source (missing folders, config typos) and reads its files (truncated weights)
+            _FINGERPRINTS[name] = lowrank.model.source_fingerprint(spec)
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise ValueError(f"models.{name}: {e}") from None
         manifest = Path(f"results/{name}/pretrained/manifest.json")  # known shapes: refuse unreachable ratios now
@@ -111,13 +112,8 @@ def model_spec(wc):
     return config["models"][wc.model]
 
 
-_FINGERPRINTS = {}
-
-
 def source_fingerprint_of(wc):
-    """Content fingerprint of the model's local files (computed once per run)."""
-    if wc.model not in _FINGERPRINTS:
-        _FINGERPRINTS[wc.model] = lowrank.model.source_fingerprint(model_spec(wc))
+    """Content fingerprint of the model's local files (computed once, when the config is checked)."""
     return _FINGERPRINTS[wc.model]
 
 

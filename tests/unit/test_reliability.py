@@ -213,3 +213,35 @@ def test_ratio_floor_counts_the_greedy_rank_floor():
     assert min_kept_fraction(shapes, 0.5) > min_kept_fraction(shapes, 0.0)
     with pytest.raises(ValueError, match="min_rank_fraction 0.5"):
         check_reachable(shapes, min_kept_fraction(shapes, 0.0) * 1.01, 0.5)
+
+
+# ---- cases not listed in the issue ------------------------------------------------------------------------------
+
+
+def test_truncated_safetensors_file_is_refused_by_name(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    tiny_llama.save_pretrained(str(folder), safe_serialization=True)
+    weights = folder / "model.safetensors"
+    source_fingerprint({"source": "hf", "path": str(folder)})  # complete: fine
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # an interrupted copy
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match=rf"model.safetensors is truncated or padded: .* {size} bytes, the file has "
+                                         rf"{size // 2}; copy or download it again"):
+        source_fingerprint({"source": "hf", "path": str(folder)})
+
+
+def test_disk_full_during_a_write_keeps_the_old_artifact_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "scores.safetensors"
+    save_tensors(target, {"s": torch.ones(3)})
+    old = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lowrank.io.save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_tensors(target, {"s": torch.zeros(3)})
+    assert target.read_bytes() == old and os.listdir(tmp_path) == ["scores.safetensors"]

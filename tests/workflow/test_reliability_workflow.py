@@ -47,6 +47,17 @@ def _float_tokens(wd: Path) -> None:
     save_file({"tokens": torch.rand(4000) * 255}, str(wd / "float_tokens.safetensors"))
 
 
+def _truncated_model(wd: Path) -> None:
+    from lowrank.model import load_source, resolve_source
+
+    spec = tiny_config()["models"]["tiny-llama"]
+    model, _ = load_source(resolve_source({k: v for k, v in spec.items() if k not in ("tokenizer", "size_b")}))
+    model.save_pretrained(str(wd / "model"), safe_serialization=True)
+    weights = wd / "model" / "model.safetensors"
+    with open(weights, "r+b") as f:  # an interrupted copy
+        f.truncate(weights.stat().st_size - 100)
+
+
 CASES = {
     # case: (mutate the config, prepare the run folder, words the error must hold)
     "ratio with three decimals": (lambda c: c.update(ratios=[0.8, 0.555]), None,
@@ -62,6 +73,8 @@ CASES = {
     "float token ids": (lambda c: c["calibration"].update(corpus={"kind": "tokens",
                                                                   "path": "float_tokens.safetensors"}),
                         _float_tokens, ["dtype F32", "must be integers"]),
+    "truncated safetensors weights": (lambda c: c.update(models={"local": {"source": "hf", "path": "model"}}),
+                                      _truncated_model, ["models.local", "model.safetensors is truncated"]),
     "model names differing in case": (lambda c: c["models"].update({"Tiny-Llama": dict(c["models"]["tiny-llama"])}),
                                       None, ["'tiny-llama' and 'Tiny-Llama' differ only in case"]),
     "method names differing in case (the schema: lower case only)": (
