@@ -237,19 +237,19 @@ def resolve_source(spec: dict[str, Any]) -> dict[str, Any]:
         _check_config_keys(spec["model_type"], config)
         tokenizer = spec.get("tokenizer")
         if tokenizer:
-            _local_folder(str(tokenizer), "tokenizer folder", "models.<key>.tokenizer")  # kept as written
+            _local_folder(str(tokenizer), "tokenizer folder", "models.<key>.tokenizer", hub=False)  # as written
         return {"kind": "random_init", "model_type": spec["model_type"], "config": config,
                 "seed": int(spec.get("seed", 0)), "tokenizer": tokenizer}
     raise ValueError(f"unknown model source {kind!r}; choose gguf_package, gguf_file, hf or random_init")
 
 
-def _local_folder(path: str, what: str, key: str) -> Path | None:
-    """The local folder ``path`` names, or ``None`` for a hub id; a missing folder is refused when the hub is
-    offline or ``path`` is written as a path (``/``, ``./``, ``~``, or a separator and no ``org/name`` form)."""
+def _local_folder(path: str, what: str, key: str, hub: bool = True) -> Path | None:
+    """The local folder ``path`` names, or ``None`` for a hub id (only where ``hub`` allows one); a missing folder
+    is refused when the hub is offline or ``path`` is written as a path (``/``, ``.``, ``~``, two separators)."""
     local = Path(path).expanduser()
     if local.exists():
         return local
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
+    looks_local = not hub or path.startswith(("/", ".", "~")) or path.count("/") > 1
     if os.environ.get("HF_HUB_OFFLINE") == "1" or looks_local:
         raise FileNotFoundError(f"{what} {path!r} does not exist (relative paths are read from the run folder, "
                                 f"{os.getcwd()}){' and the hub is offline' if not looks_local else ''}; fix {key}")

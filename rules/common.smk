@@ -52,8 +52,9 @@ def _check_config():
             raise ValueError(f"models.{name}: {e}") from None
         manifest = Path(f"results/{name}/pretrained/manifest.json")  # known shapes: refuse unreachable ratios now
         if manifest.is_file():
-            shapes = lowrank.io.read_json(manifest)["architecture"].get("target_shapes")
-            if shapes:
+            body = lowrank.io.read_json(manifest)
+            shapes = body["architecture"].get("target_shapes")
+            if shapes and body.get("source_fingerprint") == _FINGERPRINTS[name] and body.get("config") == spec:
                 check_recipes_reachable([TargetShape(*t) for t in shapes], config["ratios"], config["methods"], name)
     lowrank.data.check_disjoint(config["calibration"]["corpus"], config["evaluation"]["corpus"])
 

@@ -126,8 +126,10 @@ def test_missing_tokenizer_folder_is_not_taken_for_a_hub_id(tmp_path, tiny_llama
     with pytest.raises(FileNotFoundError, match=r"tokenizer folder 'byte_tok' does not exist.*models.<key>.tokenizer"):
         resolve_source({**tiny_llama_spec, "tokenizer": "byte_tok"})
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    with pytest.raises(FileNotFoundError, match="does not exist"):  # written as a path: never a hub id
-        resolve_source({**tiny_llama_spec, "tokenizer": str(tmp_path / "tok")})
+    for missing in (str(tmp_path / "tok"), "byte_tok"):  # a tokenizer is a local folder, online too
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve_source({**tiny_llama_spec, "tokenizer": missing})
+    assert resolve_source({"source": "hf", "path": "org/model"})["hub"]  # a model path may still be a hub id
 
 
 def test_typo_in_a_random_init_config_is_refused(tiny_llama_spec):
