@@ -44,7 +44,8 @@ def _umask() -> int:
 
 def _remove_orphans(path: Path, suffix: str) -> None:
     """Remove the temp files an interrupted earlier write of ``path`` left beside it (named in the log)."""
-    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(suffix)}.tmp"):
+    # mkstemp's names: ".<name>." + 8 random characters + suffix + ".tmp" (so never another target's temp file)
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}{glob.escape(suffix)}.tmp"):
         try:
             size = orphan.stat().st_size
             orphan.unlink()

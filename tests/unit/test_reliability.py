@@ -69,14 +69,16 @@ def test_artifacts_get_the_umask_mode_not_0600(tmp_path):
 
 def test_orphaned_temp_file_is_removed_and_named_on_the_next_write(tmp_path, caplog):
     target = tmp_path / "factors.safetensors"
-    orphan = tmp_path / ".factors.safetensors.k3j_x.tmp"  # what a kill -9 inside atomic_path leaves
+    orphan = tmp_path / ".factors.safetensors.k3j_x9ab.tmp"  # what a kill -9 inside atomic_path leaves
     orphan.write_bytes(b"\0" * 1000)
-    other = tmp_path / ".other.safetensors.abc.tmp"  # another target's temp file is not ours to remove
-    other.write_bytes(b"x")
+    other = tmp_path / ".other.safetensors.abcdefgh.tmp"  # another target's temp file is not ours to remove
+    longer = tmp_path / ".factors.safetensors.bak.abcdefgh.tmp"  # nor one of "factors.safetensors.bak"
+    for p in (other, longer):
+        p.write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="lowrank"):
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"new")
-    assert not orphan.exists() and other.exists() and target.read_bytes() == b"new"
+    assert not orphan.exists() and other.exists() and longer.exists() and target.read_bytes() == b"new"
     assert orphan.name in caplog.text and "interrupted" in caplog.text
 
 
