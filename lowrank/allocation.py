@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from .accounting import Budget, TargetShape, breakeven_rank, dense_params, stored_params
+from .accounting import Budget, TargetShape, breakeven_rank, dense_params, factored_params, stored_params
 
-__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "GreedyTails", "allocate_uniform",
+__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "min_kept_fraction",
+           "check_reachable", "check_recipes_reachable", "GreedyTails", "allocate_uniform",
            "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
 
 
@@ -231,6 +232,41 @@ ALLOCATORS: dict[str, Callable[..., dict[str, int | None]]] = {
 }
 # the calibration statistic an allocator reads (besides the scores)
 ALLOCATOR_STATS: dict[str, str] = {"sensitivity": "asvd_sensitivity"}
+
+
+def min_kept_fraction(shapes: list[TargetShape], min_rank_fraction: float = 0.0) -> float:
+    """The smallest kept fraction any allocator can meet: every matrix at its rank floor ``max(1, ⌈f r*⌉)`` (dense
+    where that floor is above its break-even rank ``r*``), as a fraction of the dense target parameters."""
+    floor_params = 0
+    for s in shapes:
+        r_star = breakeven_rank(s)
+        k = max(1, math.ceil(min_rank_fraction * r_star))
+        floor_params += factored_params(s, k) if 1 <= k <= r_star else dense_params(s)
+    return floor_params / sum(dense_params(s) for s in shapes)
+
+
+def check_reachable(shapes: list[TargetShape], kept_fraction: float, min_rank_fraction: float = 0.0,
+                    what: str = "") -> None:
+    """Refuse a kept fraction below :func:`min_kept_fraction` (the budget ``⌊ρ D⌋`` cannot hold the rank floors),
+    naming the smallest ratio that works."""
+    floor = min_kept_fraction(shapes, min_rank_fraction)
+    total = sum(dense_params(s) for s in shapes)
+    if kept_fraction < 1.0 and int(kept_fraction * total) < round(floor * total):
+        smallest = math.ceil(floor * 100) / 100
+        raise ValueError(f"{what}ratio {kept_fraction} is below {floor:.4f}, the smallest kept fraction this model "
+                         f"can store (rank {'floor' if min_rank_fraction else '1'} in every matrix"
+                         f"{f', min_rank_fraction {min_rank_fraction}' if min_rank_fraction else ''}); "
+                         f"use ratios >= {smallest:.2f}")
+
+
+def check_recipes_reachable(shapes: list[TargetShape], ratios: list[float], methods: dict[str, dict[str, Any]],
+                            model: str) -> None:
+    """:func:`check_reachable` for every recipe (``methods.<name>`` config entries) and ratio on one model; the
+    greedy allocators' floor is the recipe's ``min_rank_fraction``, the others' is rank 1."""
+    for name, m in methods.items():
+        f = float(m.get("min_rank_fraction", 0.0)) if m.get("allocator") in ("zero_sum", "min_abs") else 0.0
+        for r in ratios:
+            check_reachable(shapes, float(r), f, f"model {model!r}, method {name!r}: ")
 
 
 def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: float,

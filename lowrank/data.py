@@ -31,6 +31,7 @@ __all__ = [
     "token_stream",
     "calibration_windows",
     "evaluation_windows",
+    "check_window_length",
 ]
 
 SHAKESPEARE_HELDOUT = ("hamlet", "macbeth", "tempest", "twelfth_night")
@@ -62,7 +63,23 @@ def _text_files(spec: dict[str, Any]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"corpus text_files: {pattern!r} matches no file; fix the corpus paths")
         files.extend(Path(m).resolve() for m in matches)
+    empty = [str(f) for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"corpus text_files: {empty[0]!r} is empty; remove it from the corpus paths or give it text")
     return files
+
+
+def _check_token_file(path: Path) -> None:
+    """A ``tokens`` file must hold an integer ``tokens`` tensor (read from the header, no data loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if "tokens" not in f.keys():
+            raise ValueError(f"token file {str(path)!r} has no 'tokens' tensor (it has {sorted(f.keys())[:5]})")
+        dtype = f.get_slice("tokens").get_dtype()
+    if not dtype.startswith(("I", "U")):
+        raise ValueError(f"token file {str(path)!r}: 'tokens' has dtype {dtype}; token ids must be integers "
+                         "(save them as int64, e.g. tensor.long(), not as floats that would be truncated)")
 
 
 def corpus_identity(spec: dict[str, Any]) -> set[str]:
@@ -78,6 +95,7 @@ def corpus_identity(spec: dict[str, Any]) -> set[str]:
         path = Path(spec["path"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
+        _check_token_file(path)
         return {str(path.resolve())}
     raise ValueError(f"unknown corpus kind {kind!r}; choose shakespeare, text_files, hf_dataset or tokens")
 
@@ -114,21 +132,29 @@ def token_stream(spec: dict[str, Any], tokenizer: Any | None) -> torch.Tensor:
         path = Path(spec["path"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
-        t = load_file(str(path))
-        if "tokens" not in t:
-            raise ValueError(f"token file {str(path)!r} has no 'tokens' tensor")
-        return t["tokens"].reshape(-1).long()
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer: use a corpus of kind 'tokens'")
-    ids = tokenizer(load_corpus_text(spec), add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+        _check_token_file(path)
+        stream = load_file(str(path))["tokens"].reshape(-1).long()
+        if stream.numel() and int(stream.min()) < 0:
+            raise ValueError(f"token file {str(path)!r} has {int((stream < 0).sum())} negative token ids (min "
+                             f"{int(stream.min())}); token ids must be in [0, vocabulary size)")
+        what = f"token file {str(path)!r}"
+    else:
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: use a corpus of kind 'tokens'")
+        ids = tokenizer(load_corpus_text(spec), add_special_tokens=False)["input_ids"]
+        stream = torch.tensor(ids, dtype=torch.long)
+        what = f"corpus {spec.get('kind')} {spec.get('paths') or spec.get('path') or spec.get('plays') or ''}"
+    if stream.numel() == 0:
+        raise ValueError(f"{what} has no tokens (empty or whitespace-only text); give it text or fix its paths")
+    return stream
 
 
-def calibration_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int, bos_id: int | None = None
-                        ) -> torch.Tensor:
+def calibration_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int, bos_id: int | None = None,
+                        allow_repeats: bool = False) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens at seeded uniform offsets (LongTensor[n, seq_len]).
 
-    With ``bos_id`` each window starts with BOS followed by ``seq_len − 1`` corpus tokens.
+    With ``bos_id`` each window starts with BOS followed by ``seq_len − 1`` corpus tokens. More windows than the
+    stream has distinct ones are refused unless ``allow_repeats``.
     """
     body = seq_len - (1 if bos_id is not None else 0)
     if n < 1 or seq_len < 2:
@@ -136,8 +162,13 @@ def calibration_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int, b
     if stream.numel() < body:
         raise ValueError(f"corpus has {stream.numel()} tokens, fewer than one window of {seq_len}; use a larger "
                          "corpus or a smaller seq_len")
+    distinct = stream.numel() - body + 1
+    if n > distinct and not allow_repeats:
+        raise ValueError(f"calibration asks for n_samples={n} windows of {seq_len} tokens, but the corpus "
+                         f"({stream.numel()} tokens) has only {distinct} distinct windows: windows would repeat. "
+                         f"Lower calibration.n_samples to <= {distinct} or seq_len, or use a larger corpus")
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, stream.numel() - body + 1, (n,), generator=g)
+    starts = torch.randint(0, distinct, (n,), generator=g)
     rows = torch.stack([stream[s : s + body] for s in starts.tolist()])  # [n, body]
     if bos_id is not None:
         rows = torch.cat([torch.full((n, 1), int(bos_id), dtype=torch.long), rows], dim=1)
@@ -156,3 +187,11 @@ def evaluation_windows(stream: torch.Tensor, seq_len: int, max_windows: int | No
         idx = torch.linspace(0, total - 1, max_windows).round().long().unique()
         windows = windows[idx]
     return windows.contiguous()
+
+
+def check_window_length(split: str, seq_len: int, max_positions: int | None) -> None:
+    """Refuse windows longer than the model's position embeddings (``max_position_embeddings``): beyond them a
+    model extrapolates (or indexes out of its table), so the numbers would not mean what they say."""
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"{split}.seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}; "
+                         f"set {split}.seq_len <= {max_positions}")

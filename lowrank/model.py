@@ -8,7 +8,11 @@ the model's own ``get_input_embeddings`` / ``get_output_embeddings``.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib.util
+import inspect
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,6 +39,9 @@ __all__ = [
     "linear_bias",
     "weight_is_transposed",
     "resolve_source",
+    "source_fingerprint",
+    "source_paths",
+    "check_finite_weights",
     "load_source",
     "materialize_source",
     "load_model",
@@ -150,7 +157,8 @@ def find_targets(model: nn.Module) -> list[Target]:
         emb = fn() if callable(fn) else None
         if emb is not None and getattr(emb, "weight", None) is not None:
             excluded_modules.add(id(emb))
-            excluded_storage.add(emb.weight.data_ptr())
+            if emb.weight.data_ptr():  # a meta-device skeleton (shapes only) has no storage to compare
+                excluded_storage.add(emb.weight.data_ptr())
     targets: list[Target] = []
     for b, block in enumerate(blocks):
         factored: list[str] = []
@@ -218,19 +226,148 @@ def resolve_source(spec: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "gguf", "folder": str(p.parent.resolve()), "gguf_file": p.name}
     if kind == "hf":
         path = str(spec["path"])
-        local = Path(path).expanduser()
-        if local.exists():
+        local = _local_folder(path, "model folder", "models.<key>.path")
+        if local is not None:
             if not (local / "config.json").exists():
                 raise FileNotFoundError(f"{path!r} is a folder without config.json: not a Hugging Face model")
             return {"kind": "hf", "path": str(local.resolve())}
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.sep in path and path.startswith(("/", ".")):
-            raise FileNotFoundError(f"model folder {path!r} does not exist (and the hub is offline); fix "
-                                    "models.<key>.path")
         return {"kind": "hf", "path": path, "hub": True}
     if kind == "random_init":
-        return {"kind": "random_init", "model_type": spec["model_type"], "config": dict(spec.get("config", {})),
-                "seed": int(spec.get("seed", 0)), "tokenizer": spec.get("tokenizer")}
+        config = dict(spec.get("config", {}))
+        _check_config_keys(spec["model_type"], config)
+        tokenizer = spec.get("tokenizer")
+        if tokenizer:
+            _local_folder(str(tokenizer), "tokenizer folder", "models.<key>.tokenizer", hub=False)  # as written
+        return {"kind": "random_init", "model_type": spec["model_type"], "config": config,
+                "seed": int(spec.get("seed", 0)), "tokenizer": tokenizer}
     raise ValueError(f"unknown model source {kind!r}; choose gguf_package, gguf_file, hf or random_init")
+
+
+def _local_folder(path: str, what: str, key: str, hub: bool = True) -> Path | None:
+    """The local folder ``path`` names, or ``None`` for a hub id (only where ``hub`` allows one); a missing folder
+    is refused when the hub is offline or ``path`` is written as a path (``/``, ``.``, ``~``, two separators)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    looks_local = not hub or path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or looks_local:
+        raise FileNotFoundError(f"{what} {path!r} does not exist (relative paths are read from the run folder, "
+                                f"{os.getcwd()}){' and the hub is offline' if not looks_local else ''}; fix {key}")
+    return None
+
+
+def _check_config_keys(model_type: str, config: dict[str, Any]) -> None:
+    """Refuse keys a ``random_init`` transformers config does not know (it would silently keep them as
+    attributes and build the default shape): the error names the key and the closest known ones."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
+        raise ValueError(f"random_init model_type {model_type!r} is not a transformers model type"
+                         + (f"; did you mean {close}?" if close else ""))
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls.attribute_map) | {p for c in cls.__mro__ if "__init__" in vars(c)
+                                      for p in inspect.signature(c.__init__).parameters}
+    known |= {k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, property) and v.fset}
+    try:
+        known |= set(cls().to_dict())
+    except Exception:  # noqa: BLE001 - a config that needs arguments: its signature is the list
+        pass
+    source = inspect.getsource(cls)  # keys a config pops from **kwargs itself (Gemma 3's sliding_window_pattern)
+    unknown = sorted(k for k in config if k not in known and f'"{k}"' not in source and f"'{k}'" not in source)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(known), n=2) for k in unknown}
+        raise ValueError(f"random_init config of model_type {model_type!r} has unknown key(s) "
+                         + ", ".join(f"{k!r}" + (f" (did you mean {h}?)" if h else "") for k, h in hints.items())
+                         + "; fix models.<key>.config")
+
+
+_SMALL_FILE = 16 << 20  # files up to this size are hashed whole
+
+
+def _file_fingerprint(p: Path) -> list[Any]:
+    """``[size, sha256]`` of a small file; ``[size, mtime_ns, sha256 of the header]`` of a larger safetensors
+    file (its tensor names, dtypes, shapes and offsets); ``[size, mtime_ns, sha256 of the first and last MiB]``
+    of another large file."""
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        header = _safetensors_header(f, p, st.st_size) if p.suffix == ".safetensors" else b""
+        if st.st_size <= _SMALL_FILE:
+            f.seek(0)
+            h.update(f.read())
+            return [st.st_size, h.hexdigest()[:16]]
+        if p.suffix == ".safetensors":
+            h.update(header)
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, st.st_size - (1 << 20)))
+            h.update(f.read())
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
+
+
+def _safetensors_header(f: Any, p: Path, size: int) -> bytes:
+    """The JSON header of an open safetensors file, refusing a file that is truncated or not safetensors (an
+    interrupted copy or download) with its name, before any job loads it."""
+    fix = "copy or download it again"
+    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{p} is not a complete safetensors file ({size} bytes, header of {n}); {fix}")
+    header = f.read(n)
+    try:
+        entries = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{p} has an unreadable safetensors header; {fix}") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{p} is truncated or padded: its header describes {8 + n + end} bytes, the file has "
+                         f"{size}; {fix}")
+    return header
+
+
+def _folder_fingerprint(folder: Path) -> dict[str, list[Any]]:
+    return {str(p.relative_to(folder)): _file_fingerprint(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def source_fingerprint(spec: dict[str, Any]) -> str:
+    """A content fingerprint of the local files a ``models.<key>`` source reads (a short sha256).
+
+    Every file of a local folder (``hf``, a random-init ``tokenizer``) or the GGUF file counts by its size and a
+    hash: of the whole file when small, else of the safetensors header (or first and last MiB) plus its mtime, so
+    weights rewritten in place change it although the folder's own mtime does not. A hub id fingerprints as
+    its name (the hub's revision is not checked offline).
+    """
+    resolved = resolve_source(spec)
+    files: dict[str, Any] = {}
+    if resolved["kind"] == "gguf":
+        p = Path(resolved["folder"]) / resolved["gguf_file"]
+        files[p.name] = _file_fingerprint(p)
+    elif resolved["kind"] == "hf" and not resolved.get("hub"):
+        files = _folder_fingerprint(Path(resolved["path"]))
+    elif resolved["kind"] == "random_init" and resolved.get("tokenizer") and Path(resolved["tokenizer"]).exists():
+        files = {f"tokenizer/{k}": v for k, v in _folder_fingerprint(Path(resolved["tokenizer"])).items()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_paths(spec: dict[str, Any]) -> list[str]:
+    """The local files or folders a ``models.<key>`` source reads outside an installed package (absolute): the
+    ``hf`` folder, the ``gguf_file``, a random-init ``tokenizer`` folder. DVC must see them as dependencies."""
+    resolved = resolve_source(spec)
+    if resolved["kind"] == "hf" and not resolved.get("hub"):
+        return [resolved["path"]]
+    if resolved["kind"] == "gguf" and spec.get("source") == "gguf_file":
+        return [str(Path(resolved["folder"]) / resolved["gguf_file"])]
+    if resolved["kind"] == "random_init" and resolved.get("tokenizer") and Path(resolved["tokenizer"]).exists():
+        return [str(Path(resolved["tokenizer"]).resolve())]
+    return []
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the tensor and the count of bad values."""
+    from .io import check_finite
+
+    check_finite(dict(model.state_dict()), what)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -282,6 +419,7 @@ def materialize_source(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict
     resolved = resolve_source(spec)
     out_dir = Path(out_dir)
     model, tok = load_source(resolved)
+    check_finite_weights(model, f"source model {resolved.get('path') or resolved.get('gguf_file') or 'random_init'}")
     targets = find_targets(model)  # fails before anything is written for a model with nothing to compress
     if resolved["kind"] == "hf":
         path, relative = resolved["path"], False
@@ -309,8 +447,19 @@ def materialize_source(spec: dict[str, Any], out_dir: str | os.PathLike) -> dict
             "total_params": n_params,
             "target_params": sum(t.shape.m * t.shape.n + (t.shape.m if t.shape.bias else 0) for t in targets),
             "n_targets": len(targets),
+            "max_positions": _max_positions(model.config),
+            "target_shapes": [[t.shape.m, t.shape.n, t.shape.bias] for t in targets],
         },
     }
+
+
+def _max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (``None`` when the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def model_path(manifest_path: str | os.PathLike) -> str:

@@ -57,9 +57,13 @@ def whitening_factor(
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     A = C.to(torch.float64)
+    n0 = A.shape[0]
     if not torch.isfinite(A).all():
-        raise ValueError("second moment has non-finite entries: the calibration forward overflowed; "
-                         "use runtime.dtype float32")
+        bad = int((~torch.isfinite(A)).sum())
+        raise ValueError(f"second moment ({n0}x{n0}) has {bad} non-finite entries: the calibration forward "
+                         "produced NaN or inf. Check the source model's weights (the pretrained stage refuses "
+                         "non-finite ones) and, if runtime.dtype is float16 or bfloat16, use float32; a float32 "
+                         "run that overflows has activations beyond float32's range")
     A = 0.5 * (A + A.T)
     n = A.shape[0]
     scale = float(torch.diagonal(A).mean().clamp_min(torch.finfo(torch.float64).tiny))

@@ -1,6 +1,7 @@
 # Validation, wildcard constraints and the helpers every rule uses. No rules here.
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -9,13 +10,16 @@ from snakemake.utils import validate
 validate(config, "../schemas/config.schema.yaml")
 
 import lowrank.data
+import lowrank.io
 import lowrank.model
-from lowrank.allocation import ALLOCATOR_STATS
+from lowrank.accounting import TargetShape
+from lowrank.allocation import ALLOCATOR_STATS, check_recipes_reachable
 from lowrank.scoring import SCORERS
 from lowrank.spaces import SPACES
 
 RESERVED = {"pretrained", "prehab", "data", "summary", "dense"}
 REPO = Path(workflow.basedir)
+_FINGERPRINTS = {}  # models.<key> -> content fingerprint of its local files, computed once when parsed
 
 
 def _check_config():
@@ -27,15 +31,50 @@ def _check_config():
             raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
                              "their predicted loss change; use scorer first_order (sigma values of different "
                              "matrices are not comparable)")
+    for r in config["ratios"]:  # the {ratio} folder must say the kept fraction the allocation uses
+        if abs(float(r) * 100 - round(float(r) * 100)) > 1e-9:
+            raise ValueError(f"ratio {r} has more than two decimals: its folder would be {ratio_label(r)} but the "
+                             f"kept fraction {r}; use a ratio with two decimals (e.g. "
+                             f"{ratio_label(math.ceil(float(r) * 100) / 100)})")
     labels = [ratio_label(r) for r in config["ratios"]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"ratios {config['ratios']} collide at two decimals ({labels}); use distinct values")
+    folded = {}  # model folders must differ on a case-insensitive file system too (method names are lower case)
+    for name in config["models"]:
+        if name.lower() in folded:
+            raise ValueError(f"models {folded[name.lower()]!r} and {name!r} differ only in case: their results "
+                             "folders collide on a case-insensitive file system; rename one")
+        folded[name.lower()] = name
     for name, spec in config["models"].items():
-        try:
-            lowrank.model.resolve_source(spec)
-        except (FileNotFoundError, KeyError) as e:
+        try:  # resolves the source (missing folders, config typos) and reads its files (truncated weights)
+            _FINGERPRINTS[name] = lowrank.model.source_fingerprint(spec)
+        except (FileNotFoundError, KeyError, ValueError) as e:
             raise ValueError(f"models.{name}: {e}") from None
+        manifest = Path(f"results/{name}/pretrained/manifest.json")  # known shapes: refuse unreachable ratios now
+        if manifest.is_file():
+            body = lowrank.io.read_json(manifest)
+            shapes = body["architecture"].get("target_shapes")
+            if shapes and body.get("source_fingerprint") == _FINGERPRINTS[name] and body.get("config") == spec:
+                check_recipes_reachable([TargetShape(*t) for t in shapes], config["ratios"], config["methods"], name)
     lowrank.data.check_disjoint(config["calibration"]["corpus"], config["evaluation"]["corpus"])
+
+
+def _check_dvc_deps():
+    """Local model files are inputs of the results: warn when the run folder's dvc.yaml does not list them as deps
+    of its stage (DVC would call results up to date after the weights change), with the lines to add."""
+    dvc = Path("dvc.yaml")
+    if not dvc.is_file():
+        return
+    import yaml
+    from snakemake.logging import logger
+
+    stages = (yaml.safe_load(dvc.read_text()) or {}).get("stages", {})
+    deps = [Path(d).resolve() for st in stages.values() for d in (st.get("deps") or [])]
+    for name, spec in config["models"].items():
+        for p in lowrank.model.source_paths(spec):
+            if not any(Path(p) == d or d in Path(p).parents for d in deps):
+                logger.warning(f"models.{name}: {p} is not a dependency in dvc.yaml, so `dvc repro` would not see a "
+                               f"change of it; add `- {p}` to the deps of its stage")
 
 
 def ratio_label(r):
@@ -43,6 +82,7 @@ def ratio_label(r):
 
 
 _check_config()
+_check_dvc_deps()
 
 MODELS = list(config["models"])
 METHODS = list(config["methods"])
@@ -71,6 +111,11 @@ def core_fingerprint(*modules):
 
 def model_spec(wc):
     return config["models"][wc.model]
+
+
+def source_fingerprint_of(wc):
+    """Content fingerprint of the model's local files (computed once, when the config is checked)."""
+    return _FINGERPRINTS[wc.model]
 
 
 def method_spec(wc):

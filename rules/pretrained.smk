@@ -6,6 +6,7 @@ rule pretrained:
         hf=directory("results/{model}/pretrained/hf"),
     params:
         spec=model_spec,
+        fingerprint=source_fingerprint_of,  # content of local model files: a rewrite reruns what depends on it
         core=core_fingerprint("model", "factorized", "accounting"),
     log:
         "logs/pretrained/{model}.log",

@@ -8,7 +8,7 @@ from _adapter import stage
 from lowrank import __version__
 from lowrank.calibration import load_stat
 from lowrank.io import load_tensors, read_json, save_tensors, write_json
-from lowrank.model import load_model, load_tokenizer
+from lowrank.model import check_finite_weights, load_model, load_tokenizer
 from lowrank.prehab import PrehabConfig, prehab
 
 
@@ -26,6 +26,7 @@ def run(smk) -> None:
                     summary["before"]["mean_stable_rank"], summary["after"]["mean_stable_rank"],
                     summary["before"]["mean_effective_rank"], summary["after"]["mean_effective_rank"],
                     res.train.history[0]["ce"], res.train.history[-1]["ce"])
+        check_finite_weights(model, "prehab model (fine-tuned weights)")  # a diverged fine-tune is not written
         tmp = out / ".hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -30,6 +30,7 @@ def run(smk) -> None:
         st.log.info("%s: %d blocks, %d targets, %.1f M target params of %.1f M", arch["class"], arch["n_blocks"],
                     arch["n_targets"], arch["target_params"] / 1e6, arch["total_params"] / 1e6)
         write_json(smk.output.manifest, {"model": smk.wildcards.model, **body, "config": dict(smk.params.spec),
+                                         "source_fingerprint": smk.params.fingerprint,
                                          "lowrank_version": __version__})
 
 

@@ -2,7 +2,9 @@
 
 from _adapter import stage
 
-from lowrank.data import calibration_windows, evaluation_windows, token_stream
+from lowrank.accounting import TargetShape
+from lowrank.allocation import check_recipes_reachable
+from lowrank.data import calibration_windows, check_window_length, evaluation_windows, token_stream
 from lowrank.io import read_json, save_tensors
 from lowrank.model import load_tokenizer
 
@@ -11,9 +13,15 @@ def run(smk) -> None:
     with stage(smk) as st:
         spec, split = dict(smk.params.spec), smk.params.split
         corpus = dict(spec["corpus"])
+        arch = read_json(smk.input.manifest)["architecture"]
+        check_window_length(split, spec["seq_len"], arch.get("max_positions"))
+        if split == "calibration":  # the first job before any statistic: refuse a ratio no allocator can meet
+            # (a check only, so the ratios are read from the config, not params: editing them reruns nothing here)
+            check_recipes_reachable([TargetShape(*s) for s in arch["target_shapes"]], smk.config["ratios"],
+                                    smk.config["methods"], smk.wildcards.model)
         tok = None if corpus["kind"] == "tokens" else load_tokenizer(smk.input.manifest)
         stream = token_stream(corpus, tok)
-        vocab = read_json(smk.input.manifest)["architecture"]["vocab_size"]
+        vocab = arch["vocab_size"]
         if int(stream.max()) >= vocab:
             raise ValueError(f"{split} corpus has token id {int(stream.max())} >= the model's vocabulary {vocab}")
         if split == "calibration":
