@@ -280,6 +280,7 @@ def slurm_logs_into_rule_logs():
         if not slurm_logs:
             continue
         for log in job.log:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as fh:
                 fh.write(f"\n---- SLURM log of the failed job ({slurm_logs[-1]}) ----\n")
                 fh.write(slurm_logs[-1].read_text(errors="replace"))

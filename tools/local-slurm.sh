@@ -67,13 +67,17 @@ EOF
 start() {
     [ "$(id -u)" = 0 ] || die "needs root (it installs packages and starts daemons)"
     install_missing
-    write_conf
-    mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
-    if ! munge -n </dev/null >/dev/null 2>&1; then
-        munged --force
+    if running "$STATE/slurmctld.pid" && running "$STATE/slurmd.pid"; then
+        echo "local-slurm: already running"
+    else
+        stop_pidfile "$STATE/slurmd.pid"
+        stop_pidfile "$STATE/slurmctld.pid"
+        write_conf
+        mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
+        munge -n </dev/null >/dev/null 2>&1 || munged --force
+        slurmctld
+        slurmd
     fi
-    [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null || slurmctld
-    [ -f "$STATE/slurmd.pid" ] && kill -0 "$(cat "$STATE/slurmd.pid")" 2>/dev/null || slurmd
     for _ in $(seq 60); do
         if sinfo -h -N -p cpu -o %t 2>/dev/null | grep -qx idle; then
             sinfo -N -o "%N %P %c %m %G %t"
@@ -85,6 +89,8 @@ start() {
     tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
     die "the node did not become idle within 60 s"
 }
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 stop_pidfile() {
     local f=$1
