@@ -94,8 +94,8 @@ def test_gpu_workstation_profile_runs_gpu_jobs_on_a_cpu_only_machine(tmp_path) -
     assert [job["gpu"] for r in gpu_rules for job in res[r]] == ["1", "1"]
     assert "gpu" not in res["pretrained"][0] and "gpu_model" not in str(res)
     # the two GPU jobs never overlap: each one's start is followed by its own finish
-    events = re.findall(rf"^(?:rule ({'|'.join(gpu_rules)}):|Finished jobid: \d+ \(Rule: ({'|'.join(gpu_rules)})\))",
-                        out, flags=re.M)
+    names = "|".join(gpu_rules)
+    events = re.findall(rf"^(?:(?:local)?rule ({names}):|Finished jobid: \d+ \(Rule: ({names})\))", out, flags=re.M)
     order = [("start", a) if a else ("end", b) for a, b in events]
     assert len(order) == 4 and order[0][0] == "start" and order[1] == ("end", order[0][1]) and order[2][0] == "start"
     assert all((wd / t).is_file() for t in targets)
