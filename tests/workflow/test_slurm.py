@@ -133,36 +133,38 @@ def test_results_equal_a_local_run(slurm_run, local_run) -> None:
     assert (wd / "results/summary/table.md").read_text().count("\n") > 3
 
 
-def test_a_gpu_job_goes_to_the_gpu_partition_with_its_gpu_model(cluster, local_run, tmp_path) -> None:
+def test_a_gpu_job_goes_to_the_gpu_partition_with_its_gpu_model(cluster, tmp_path) -> None:
     """A model of 1 B parameters asks for a GPU (gpus_for); on the local cluster's fake-GPU partition it gets
     `--gpus=fake:1` (gpu_model from set-resources), its CPU-only neighbours stay on `cpu`, and the perplexity
-    (computed on CPU: the fake GPU has no device) equals the local run's."""
+    (computed on CPU: the fake GPU has no device) equals a local run's."""
     cfg = _config()
     cfg["models"]["tiny-llama"]["size_b"] = 1.0
     cfg["runtime"]["device"] = "auto"
-    wd = write_workdir(tmp_path / "run", cfg)
+    wd, local = write_workdir(tmp_path / "run", cfg), write_workdir(tmp_path / "local", cfg)
     target = "results/tiny-llama/pretrained/eval/ppl.json"
-    proc = snakemake(wd, *SLURM_ARGS, "--slurm-partition-config", str(cluster),
-                     "--set-resources", "evaluate_source:gpu_model=fake", target)
+    snakemake(local, *SAME_THREADS, target)
+    proc = snakemake(wd, target, *SLURM_ARGS, "--slurm-partition-config", str(cluster),  # target first: --set-
+                     "--set-resources", "evaluate_source:gpu_model=fake")  # resources would take it as a value
     out = proc.stdout + proc.stderr
     chosen = dict((job, part) for part, job in re.findall(r"Auto-selected partition '(\w+)' for job (\w+)", out))
     assert chosen == {"pretrained": "cpu", "token_windows": "cpu", "evaluate_source": "gpu"}
     run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
-    jobs = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id, "--format=%P|%b|%T"],
-                          capture_output=True, text=True, check=True).stdout.split()
-    assert sorted(jobs) == sorted(["cpu|N/A|COMPLETED", "cpu|N/A|COMPLETED", "gpu|gres:gpu:fake:1|COMPLETED"])
-    assert json.loads((wd / target).read_text()) == json.loads((local_run / target).read_text())
+    jobs = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id,
+                           "--Format=Partition:|,tres-per-job:|,State"], capture_output=True, text=True, check=True)
+    assert sorted(line.strip() for line in jobs.stdout.splitlines()) == [
+        "cpu|N/A|COMPLETED", "cpu|N/A|COMPLETED", "gpu|gres:gpu:fake:1|COMPLETED"]
+    assert json.loads((wd / target).read_text()) == json.loads((local / target).read_text())
 
 
-def test_a_job_failing_on_a_node_leaves_the_slurm_log_in_its_rule_log(slurm_run) -> None:
-    wd, _ = slurm_run
-    (wd / "results/tiny-llama/data/evaluation.safetensors").write_bytes(b"not a safetensors file")
-    proc = snakemake(wd, *SLURM_ARGS, "--retries", "0", "--forcerun", "evaluate_source",
-                     "results/tiny-llama/pretrained/eval/ppl.json", check=False)
+def test_a_job_failing_on_a_node_leaves_the_slurm_log_in_its_rule_log(cluster, tmp_path) -> None:
+    wd = write_workdir(tmp_path / "run", _config())
+    (wd / "evaluation_tokens.safetensors").write_bytes(b"not a safetensors file")  # token_windows fails on the node
+    proc = snakemake(wd, "results/tiny-llama/data/evaluation.safetensors", *SLURM_ARGS,
+                     "--slurm-partition-config", str(cluster), "--retries", "0", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "SLURM status is: 'FAILED'" in out
-    log = (wd / "logs/evaluate_source/tiny-llama/pretrained.log").read_text()
+    log = (wd / "logs/token_windows/tiny-llama/evaluation.log").read_text()
     slurm_log = re.search(r"---- SLURM log of the failed job \((\S+)\) ----", log)
-    assert slurm_log and "rule_evaluate_source" in slurm_log.group(1)
+    assert slurm_log and "rule_token_windows" in slurm_log.group(1)
     # the node's side of the failure: the job step's own report, after the script's traceback
-    assert "Error in rule evaluate_source" in log.split(slurm_log.group(0), 1)[1]
+    assert "Error in rule token_windows" in log.split(slurm_log.group(0), 1)[1]
