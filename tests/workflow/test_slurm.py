@@ -56,8 +56,9 @@ def cluster(tmp_path_factory) -> Path:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    subprocess.run(["bash", str(LOCAL_SLURM), "start"], check=True, capture_output=True, text=True)
+    started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True)
     try:
+        assert started.returncode == 0, f"tools/local-slurm.sh start failed:\n{started.stdout}\n{started.stderr}"
         parts = tmp_path_factory.mktemp("slurm") / "partitions.yaml"
         parts.write_text(subprocess.run(["bash", str(LOCAL_SLURM), "partitions"], check=True,
                                         capture_output=True, text=True).stdout)
