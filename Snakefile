@@ -47,6 +47,9 @@ include: "rules/report.smk"
 include: "rules/prehab.smk"
 
 
+gpu_only_resources()  # the profile's gpu_model / cpus_per_gpu reach only the jobs that ask for a GPU
+
+
 rule all:
     input:
         final_targets(),

@@ -1,10 +1,14 @@
 # Validation, wildcard constraints and the helpers every rule uses. No rules here.
 
+import functools
 import hashlib
 import math
+import os
 import re
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+from snakemake.resources import Resource
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
@@ -198,14 +202,15 @@ def previous_stage(wc):
 # ---- resources (cluster profiles read these; a laptop ignores them) ---------------------------------------
 
 
-def mem_mb_for(wc, attempt):
+def mem_mb_for(wc, attempt, rulename="", factor=1):
     size_b = config["models"][wc.model]["size_b"]
-    return int(max(4000, size_b * 1000 * 4 * 3) * attempt)  # fp32 weights x3 headroom
+    base = factor * max(4000, size_b * 1000 * 4 * 3)  # fp32 weights x3 headroom
+    return fit_partition(rulename, wc, "mem_mb", base, attempt)
 
 
-def runtime_min_for(wc, attempt):
+def runtime_min_for(wc, attempt, rulename="", factor=1):
     size_b = config["models"][wc.model]["size_b"]
-    return int(max(30, 30 * size_b) * attempt)
+    return fit_partition(rulename, wc, "runtime", factor * max(30, 30 * size_b), attempt)
 
 
 GPU_MIN_SIZE_B = 1.0  # below a billion parameters a CPU job is as fast as the GPU queue wait
@@ -220,6 +225,113 @@ def gpus_for(wc):
     if config["runtime"]["device"] == "cpu":
         return 0
     return int(config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B)
+
+
+# ---- cluster: requests that fit the partitions, GPU-only resources, the node's log in the rule log -----------
+# The SLURM profile describes the cluster (profiles/slurm: partitions.yaml, set-resources); nothing here names a
+# partition. These helpers only read what the profile gave the plugin.
+
+GPU_ONLY_RESOURCES = ("gpu_model", "cpus_per_gpu", "gres")
+
+
+def slurm_partitions():
+    """{name: limits} of the SLURM plugin's partition file when this run submits to SLURM with one
+    (`slurm-partition-config` or $SNAKEMAKE_SLURM_PARTITIONS), else None (local runs, dry runs, jobs on a node)."""
+    plugin = getattr(workflow, "executor_plugin", None)
+    if getattr(plugin, "name", None) != "slurm":
+        return None
+    path = getattr(workflow.executor_settings, "partition_config", None) or os.environ.get(
+        "SNAKEMAKE_SLURM_PARTITIONS")
+    return _read_partitions(str(path)) if path else None
+
+
+@functools.cache
+def _read_partitions(path):
+    import yaml
+
+    return {name: dict(limits or {}) for name, limits in yaml.safe_load(Path(path).read_text())["partitions"].items()}
+
+
+_PARTITION_LIMIT = {"mem_mb": "max_mem_mb", "runtime": "max_runtime"}
+
+
+def fit_partition(rulename, wc, resource, base, attempt):
+    """`base * attempt` (retries ask for more), capped at the largest limit among the partitions that can take the
+    job (a GPU job only fits partitions with max_gpu); an error naming the rule, its request and the limit when
+    even the first attempt does not fit, instead of an sbatch refusal ("Memory specification can not be
+    satisfied") or a job that waits forever."""
+    request = int(base * attempt)
+    parts = slurm_partitions()
+    if not parts or not rulename:
+        return request
+    gpus = gpus_for(wc) if "gpu" in workflow.get_rule(rulename).resources else 0
+    eligible = {n: p for n, p in parts.items() if not gpus or int(p.get("max_gpu", 0)) >= gpus}
+    key = _PARTITION_LIMIT[resource]
+    where = f"rule {rulename} (model {wc.model}{', gpu=%d' % gpus if gpus else ''})"
+    if not eligible:
+        raise WorkflowError(f"{where}: no partition of the SLURM partition file has max_gpu >= {gpus}; "
+                            f"partitions: {sorted(parts)}. Add a GPU partition or set runtime.device: cpu")
+    limits = {n: _limit(p, key) for n, p in eligible.items()}
+    best = max(limits, key=limits.get)
+    if int(base) > limits[best]:
+        raise WorkflowError(f"{where} requests {resource}={int(base)} but the largest partition that can take it, "
+                            f"{best!r}, allows {key}={int(limits[best])}: raise the limit in the partition file if "
+                            f"the cluster has bigger nodes, or use a partition that does")
+    return int(min(request, limits[best]))
+
+
+def _limit(partition, key):
+    value = partition.get(key, math.inf)
+    if isinstance(value, str):  # "2-00:00:00" and the like, read as the plugin reads them
+        from snakemake_executor_plugin_slurm.utils import parse_time_to_minutes
+
+        value = parse_time_to_minutes(value)
+    return float(value)
+
+
+def gpu_only_resources():
+    """Keep GPU-only resources (the profile's gpu_model, cpus_per_gpu, gres) only on jobs whose `gpu` is > 0.
+
+    The profile sets them per rule, but whether a job of that rule asks for a GPU depends on the model size
+    (gpus_for): on a CPU job, `gpu_model` would become `--gpus=<model>:0` and the job step dies with "Invalid
+    generic resource (gres) specification". Called once, after every rule is defined."""
+    for r in workflow.rules:
+        gpu = r.resources.get("gpu")
+        for key in GPU_ONLY_RESOURCES:
+            if key in r.resources and r.resources[key] is not None:
+                r.resources[key] = Resource(key, _when_gpu(gpu, r.resources[key]))
+
+
+def _when_gpu(gpu, res):
+    def value(wildcards, **aux):
+        wanted = gpu.evaluate(wildcards, **aux).value if gpu is not None else 0
+        return res.evaluate(wildcards, **aux).value if wanted else None
+
+    return value
+
+
+def slurm_logs_into_rule_logs():
+    """On a failed SLURM run, append each failed job's SLURM log (srun's refusal, the node's kill message, the
+    job step's traceback) to the job's rule log, which is empty when the job died before its script started."""
+    if getattr(getattr(workflow, "executor_plugin", None), "name", None) != "slurm":
+        return
+    from snakemake_executor_plugin_slurm.utils import get_job_wildcards
+
+    logdir = Path(getattr(workflow.executor_settings, "logdir", None) or ".snakemake/slurm_logs")
+    for job in getattr(getattr(workflow, "scheduler", None), "failed", ()):
+        folder = logdir / f"rule_{job.rule.name}" / get_job_wildcards(job)
+        slurm_logs = sorted(folder.glob("*.log"), key=lambda f: f.stat().st_mtime)
+        if not slurm_logs:
+            continue
+        for log in job.log:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(f"\n---- SLURM log of the failed job ({slurm_logs[-1]}) ----\n")
+                fh.write(slurm_logs[-1].read_text(errors="replace"))
+
+
+onerror:
+    slurm_logs_into_rule_logs()
 
 
 # ---- targets ------------------------------------------------------------------------------------------------
@@ -241,11 +353,11 @@ def _size_b(wc):
     return float(config["models"][wc.model]["size_b"])
 
 
-def mem_mb_streamed_for(wc, attempt):
+def mem_mb_streamed_for(wc, attempt, rulename=""):
     """Host memory of a streamed stage: the model once in runtime.dtype, plus 1.5x for the per-block float64
     statistics / gradients / factors and the CPU-offloaded boundary activations, at least 8 GB."""
     weights_mb = _size_b(wc) * 1000 * _DTYPE_BYTES[config["runtime"]["dtype"]]
-    return int(max(8000, 2.5 * weights_mb + 8000) * attempt)
+    return fit_partition(rulename, wc, "mem_mb", max(8000, 2.5 * weights_mb + 8000), attempt)
 
 
 def gpu_mem_mb_for(wc, attempt):

@@ -28,8 +28,8 @@ rule prehab:
         "benchmarks/prehab/{model}.tsv"
     threads: 8
     resources:
-        mem_mb=lambda wc, attempt: 2 * mem_mb_for(wc, attempt),
-        runtime=lambda wc, attempt: 4 * runtime_min_for(wc, attempt),
+        mem_mb=lambda wc, attempt, rulename: mem_mb_for(wc, attempt, rulename, factor=2),
+        runtime=lambda wc, attempt, rulename: runtime_min_for(wc, attempt, rulename, factor=4),
         gpu=gpus_for,
     script:
         "../scripts/prehab.py"
