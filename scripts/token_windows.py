@@ -2,7 +2,7 @@
 
 from _adapter import stage
 
-from lowrank.data import calibration_windows, evaluation_windows, token_stream
+from lowrank.data import calibration_windows, evaluation_windows, given_windows, load_window_file, token_stream
 from lowrank.io import read_json, save_tensors
 from lowrank.model import load_tokenizer
 
@@ -11,12 +11,15 @@ def run(smk) -> None:
     with stage(smk) as st:
         spec, split = dict(smk.params.spec), smk.params.split
         corpus = dict(spec["corpus"])
-        tok = None if corpus["kind"] == "tokens" else load_tokenizer(smk.input.manifest)
+        tok = None if corpus["kind"] in ("tokens", "windows") else load_tokenizer(smk.input.manifest)
         stream = token_stream(corpus, tok)
         vocab = read_json(smk.input.manifest)["architecture"]["vocab_size"]
         if int(stream.max()) >= vocab:
             raise ValueError(f"{split} corpus has token id {int(stream.max())} >= the model's vocabulary {vocab}")
-        if split == "calibration":
+        if corpus["kind"] == "windows":  # pre-cut windows, taken as they are
+            n = spec["n_samples"] if split == "calibration" else spec["max_windows"]
+            windows = given_windows(load_window_file(corpus), n, spec["seq_len"])
+        elif split == "calibration":
             bos = tok.bos_token_id if (spec["bos"] and tok is not None) else None
             windows = calibration_windows(stream, spec["n_samples"], spec["seq_len"], spec["seed"], bos)
         else:
