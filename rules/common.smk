@@ -25,8 +25,8 @@ def _check_config():
             raise ValueError(f"method name {name!r} is reserved for a results folder; rename it")
         if m["allocator"] in ("zero_sum", "min_abs") and m["scorer"] == "sigma":
             raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
-                             "their predicted loss change; use scorer first_order (sigma values of different "
-                             "matrices are not comparable)")
+                             "their predicted loss change; use scorer first_order or second_order (sigma values "
+                             "of different matrices are not comparable)")
     labels = [ratio_label(r) for r in config["ratios"]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"ratios {config['ratios']} collide at two decimals ({labels}); use distinct values")
