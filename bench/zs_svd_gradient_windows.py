@@ -54,6 +54,7 @@ def grams_for(model, targets, calib: torch.Tensor, path: Path) -> InputGrams:
 def window_stats(model, targets, stats, pool: torch.Tensor, path: Path, chunk: int = 8
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``{target: (σ, ḡ rows [P, r], F rows [P, r])}``, computed in chunks of windows and cached per chunk."""
+    path.mkdir(parents=True, exist_ok=True)
     out: dict[str, list] = {}
     for s in range(0, pool.shape[0], chunk):
         part = path / f"stats_{s:04d}.pt"
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--heldout-ks", default=None, help="only these K on the held-out windows (default: all)")
     ap.add_argument("--heldout-windows", type=int, default=None, help="the first this-many held-out windows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=8, help="windows per cached statistics file")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("LOWRANK_NO_PROGRESS", "1")
@@ -100,7 +102,7 @@ def main() -> None:
     targets = find_targets(model)
     shapes = {t.name: t.shape for t in targets}
     stats = {"input_gram": grams_for(model, targets, calib, cache / "input_gram.safetensors")}
-    rows = window_stats(model, targets, stats, pool, cache)
+    rows = window_stats(model, targets, stats, pool, cache / f"chunk{a.chunk}", a.chunk)
     # the truncated weights of any rank k: W_k = (U Σ)[:, :k] (Vᵀ S⁻¹)[:k]
     W0, US, VS = {}, {}, {}
     for t in targets:
