@@ -70,7 +70,8 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
                   windows: torch.Tensor, batch_size: int,
                   input_factor: Callable[[str], torch.Tensor | None],
                   device: torch.device | str = "cpu", backtrack: int = 3,
-                  output_factor: Callable[[str], torch.Tensor | None] | None = None) -> CorrectionResult:
+                  output_factor: Callable[[str], torch.Tensor | None] | None = None,
+                  judge: torch.Tensor | None = None) -> CorrectionResult:
     """One projected correction of every factored target of ``model`` (in place), re-truncated to its rank.
 
     ``teacher[name]`` is the dense teacher weight ``W_T`` (m×n); ``input_factor(name)`` returns the whitening
@@ -82,6 +83,10 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
     win (on SmolLM2 at kept fraction 0.4 the full step raised the calibration loss from 5.65 to 6.54). The step
     is therefore scaled by ``1, 1/2, …, 2^-backtrack`` until the re-truncated model's calibration loss on
     ``windows`` is below the loss before; if none is, the previous factors are kept (scale 0).
+
+    ``judge``: windows NOT used for the gradient on which the step and its backtracking are judged instead (the
+    loss before and every trial): judged on its own gradient windows, a step that over-fits them looks good.
+    ``loss_before`` / ``loss_after`` are then on ``judge``.
     """
     previous = _densify(model, [t.name for t in targets])
     ranks = {name: mod.rank for name, mod in previous.items()}
@@ -115,17 +120,19 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
                              None if T is None else T.to(device))
                 replace_module(model, t.name, LowRankLinear.from_factors(f.A, f.B, bias, dtype=dtype).to(W_k.device))
 
+    judged = windows if judge is None else judge
+    loss_before = grads.loss if judge is None else calibration_loss(model, judge, batch_size, device)
     trials: list[tuple[float, float]] = []
-    kept_scale, loss_after = 0.0, grads.loss
+    kept_scale, loss_after = 0.0, loss_before
     for j in range(backtrack + 1):
         scale = 0.5**j
         apply(scale)
-        loss = calibration_loss(model, windows, batch_size, device)
+        loss = calibration_loss(model, judged, batch_size, device)
         trials.append((scale, loss))
-        if loss < grads.loss:
+        if loss < loss_before:
             kept_scale, loss_after = scale, loss
             break
     else:
         for name, mod in previous.items():  # no scale lowered the loss: put the previous factors back as they were
             replace_module(model, name, mod)
-    return CorrectionResult(report, grads.loss, loss_after, kept_scale, trials)
+    return CorrectionResult(report, loss_before, loss_after, kept_scale, trials)

@@ -8,6 +8,9 @@ A corpus spec (a ``calibration.corpus`` / ``evaluation.corpus`` config entry) na
 * ``text_files``: local UTF-8 files (glob patterns allowed).
 * ``hf_dataset``: a ``datasets`` id, config and split (e.g. WikiText-2, the papers' protocol; online only).
 * ``tokens``: a pre-tokenised 1-D ``tokens`` tensor in a safetensors file (tests, other tokenizers).
+* ``windows``: a pre-cut 2-D ``tokens`` tensor ``[n, T]`` in a safetensors file, used AS IT IS (no resampling of
+  offsets): calibration takes its first ``n_samples`` rows, evaluation its first ``max_windows`` rows. For
+  identical-input comparisons with other code (``bench/identical_windows.py`` builds such files).
 
 Calibration draws ``n`` windows at seeded uniform offsets of the joined token stream (the SVD-LLM protocol, in
 tokens rather than characters); evaluation takes non-overlapping windows, evenly spaced over the stream when
@@ -32,6 +35,8 @@ __all__ = [
     "calibration_windows",
     "evaluation_windows",
     "check_window_length",
+    "given_windows",
+    "load_window_file",
 ]
 
 SHAKESPEARE_HELDOUT = ("hamlet", "macbeth", "tempest", "twelfth_night")
@@ -91,13 +96,13 @@ def corpus_identity(spec: dict[str, Any]) -> set[str]:
         return {str(p) for p in _text_files(spec)}
     if kind == "hf_dataset":
         return {f"hf:{spec['path']}/{spec.get('name')}/{spec.get('split', 'train')}"}
-    if kind == "tokens":
+    if kind in ("tokens", "windows"):
         path = Path(spec["path"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
         _check_token_file(path)
         return {str(path.resolve())}
-    raise ValueError(f"unknown corpus kind {kind!r}; choose shakespeare, text_files, hf_dataset or tokens")
+    raise ValueError(f"unknown corpus kind {kind!r}; choose shakespeare, text_files, hf_dataset, tokens or windows")
 
 
 def check_disjoint(calibration: dict[str, Any], evaluation: dict[str, Any]) -> None:
@@ -121,23 +126,53 @@ def load_corpus_text(spec: dict[str, Any]) -> str:
 
         ds = load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "train"))
         return "\n\n".join(ds[spec.get("field", "text")])
-    raise ValueError(f"corpus kind {kind!r} has no text (a 'tokens' corpus is already tokenised)")
+    raise ValueError(f"corpus kind {kind!r} has no text (a 'tokens' or 'windows' corpus is already tokenised)")
+
+
+def _token_file(spec: dict[str, Any]) -> torch.Tensor:
+    """The ``tokens`` tensor of a ``tokens`` / ``windows`` corpus file (as stored)."""
+    from safetensors.torch import load_file
+
+    path = Path(spec["path"]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
+    _check_token_file(path)
+    tokens = load_file(str(path))["tokens"]
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise ValueError(f"token file {str(path)!r} has {int((tokens < 0).sum())} negative token ids (min "
+                         f"{int(tokens.min())}); token ids must be in [0, vocabulary size)")
+    return tokens
+
+
+def load_window_file(spec: dict[str, Any]) -> torch.Tensor:
+    """The LongTensor[n, T] of a ``windows`` corpus, exactly as stored."""
+    t = _token_file(spec)
+    if t.ndim != 2:
+        raise ValueError(f"corpus kind 'windows' needs a 2-D tokens tensor [n, T] in {spec['path']!r}, got shape "
+                         f"{tuple(t.shape)}; use kind 'tokens' for a 1-D stream")
+    return t.long()
+
+
+def given_windows(windows: torch.Tensor, n: int | None, seq_len: int) -> torch.Tensor:
+    """The first ``n`` rows of pre-cut ``windows`` ([N, T]) as they are (all rows when ``n`` is None).
+
+    Raises when the rows are not ``seq_len`` long or fewer than ``n`` exist (no silent resampling or padding)."""
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be 2-D [n, T], got shape {tuple(windows.shape)}")
+    if windows.shape[1] != seq_len:
+        raise ValueError(f"the window file holds windows of {windows.shape[1]} tokens but seq_len is {seq_len}; "
+                         "set seq_len to the file's window length")
+    if n is not None and n > windows.shape[0]:
+        raise ValueError(f"asked for {n} windows but the window file holds {windows.shape[0]}; lower the count "
+                         "(n_samples / max_windows) or build a larger file")
+    return windows[: windows.shape[0] if n is None else n].contiguous()
 
 
 def token_stream(spec: dict[str, Any], tokenizer: Any | None) -> torch.Tensor:
-    """The corpus as one 1-D LongTensor of token ids (no special tokens added)."""
-    if spec.get("kind") == "tokens":
-        from safetensors.torch import load_file
-
-        path = Path(spec["path"]).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"token file {str(path)!r} does not exist; fix the corpus path")
-        _check_token_file(path)
-        stream = load_file(str(path))["tokens"].reshape(-1).long()
-        if stream.numel() and int(stream.min()) < 0:
-            raise ValueError(f"token file {str(path)!r} has {int((stream < 0).sum())} negative token ids (min "
-                             f"{int(stream.min())}); token ids must be in [0, vocabulary size)")
-        what = f"token file {str(path)!r}"
+    """The corpus as one 1-D LongTensor of token ids (no special tokens added); a ``windows`` file flattened."""
+    if spec.get("kind") in ("tokens", "windows"):
+        stream = _token_file(spec).reshape(-1).long()
+        what = f"token file {str(spec['path'])!r}"
     else:
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: use a corpus of kind 'tokens'")

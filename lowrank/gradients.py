@@ -11,6 +11,7 @@ Fisher, FWSVD).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,14 @@ __all__ = ["TargetGradients", "calibration_gradients", "causal_lm_loss", "calibr
 
 @dataclass
 class TargetGradients:
-    """``G[name] = ∂L/∂W`` (m×n, float64, ``y = W x`` orientation), optional ``fisher[name]``, and ``N``."""
+    """``G[name] = ∂L/∂W`` (m×n, float64, ``y = W x`` orientation), optional ``fisher[name]``, and ``N``;
+    ``components[name]``: per-component statistics (:class:`lowrank.scoring.ComponentStats`) when a probe ran."""
 
     G: dict[str, torch.Tensor]
     fisher: dict[str, torch.Tensor] | None
     tokens: int
     loss: float
+    components: dict[str, Any] | None = None
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:

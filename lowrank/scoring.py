@@ -9,6 +9,17 @@ Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S 
   ``ΔL_i = −σ_i · u_iᵀ H v_i`` with ``H = ∂L/∂(W S) = G S^{-T}`` the gradient in whitened coordinates
   (``G = ∂L/∂W`` from one backward pass per calibration batch; ``S^{-T}`` applied by a triangular solve).
   ``ΔL_i > 0``: removing ``i`` is predicted to raise the loss.
+* ``second_order``: the same change to second order along the removed direction,
+  ``ΔL_i ≈ −σ_i ḡ_i + ½ σ_i² F_i`` with ``ḡ_i = u_iᵀ H v_i`` (first_order's) and ``F_i`` the per-token empirical
+  Fisher along component ``i``, ``F_i = (1/N) Σ_t (u_iᵀ δ_t)² (v_iᵀ S⁻¹ x_t)²`` (:class:`ComponentProbe`):
+  ``x_t`` the target's input at token ``t``, ``δ_t = ∂(Σ_s CE_s)/∂y_t`` the gradient of the SUMMED loss at its
+  output (``N`` times that of the mean loss). Removing component ``i`` is ``ΔW_i = −σ_i u_i v_iᵀ S⁻¹``; with
+  the per-token gradients ``g_t = δ_t x_tᵀ`` (``G = (1/N) Σ_t g_t``) the empirical Fisher ``(1/N) Σ_t g_t g_tᵀ``
+  stands in for the Hessian, ``½ ⟨ΔW_i, F ΔW_i⟩ = ½ σ_i² F_i``. In a causal model ``δ_t`` also carries the
+  losses of later positions that attend to ``t``, so ``g_t`` is not one token's own gradient: the usual K-FAC
+  approximation (the cross terms between positions are dropped). First order misses the curvature term, which
+  grows with ``σ_i²`` and decides the large components; the curvature is positive, so ``second_order`` never
+  predicts a gain where first order predicts a loss.
 
 In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ W`` with gradient
 ``G' = ∂L/∂W' = T^{-1} G``, so ``first_order`` gives ``g_i = u_iᵀ T^{-1} G S^{-T} v_i`` and ``ΔL_i = −σ_i g_i``.
@@ -16,7 +27,7 @@ In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -27,9 +38,10 @@ from .gradients import TargetGradients
 from .model import Target, linear_weight
 from .runtime import progress
 from .spaces import input_factor, output_factor
-from .whitening import output_gradient, whiten, whiten_left
+from .whitening import output_gradient, unwhiten_left, whiten, whiten_left
 
-__all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "score_targets"]
+__all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "second_order_delta", "score_targets",
+           "ComponentStats", "ComponentProbe", "component_directions"]
 
 
 def whitened_gradient(G: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
@@ -51,13 +63,95 @@ def first_order_delta(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor, 
     return sigma, -sigma * g_sigma
 
 
+def second_order_delta(sigma: torch.Tensor, g: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """``ΔL_i ≈ −σ_i ḡ_i + ½ σ_i² F_i`` (removing component ``i`` to second order, empirical-Fisher curvature)."""
+    return -sigma * g + 0.5 * sigma.square() * fisher
+
+
+def component_directions(W: torch.Tensor, S: torch.Tensor | None, T: torch.Tensor | None, method: str = "svd"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(σ, P_out, P_in)`` for ``Tᵀ W S = U Σ Vᵀ`` (``T = I`` in one-sided spaces, ``S = I`` unwhitened).
+
+    ``P_out = T^{-T} U`` (m×r) and ``P_in = S^{-T} V`` (n×r), by triangular solves, so that for a token with input
+    ``x`` and output gradient ``δ`` the gradient along component ``i`` is ``u_iᵀ T^{-1} δ xᵀ S^{-T} v_i =
+    (P_outᵀ δ)_i (P_inᵀ x)_i``. Float64."""
+    W = W.to(torch.float64)
+    Wp = W if T is None else whiten_left(W, T.to(torch.float64))
+    A = Wp if S is None else whiten(Wp, S.to(torch.float64))
+    U, sigma, Vh = thin_svd(A, method)  # U [m, r], Vh [r, n]
+    P_out = U if T is None else unwhiten_left(U, T.to(torch.float64))
+    P_in = Vh.T if S is None else torch.linalg.solve_triangular(S.to(torch.float64).T, Vh.T, upper=True)
+    return sigma, P_out, P_in
+
+
+@dataclass
+class ComponentStats:
+    """Per-component calibration statistics of one target in its space: ``σ`` [r], the mean gradient along each
+    component ``ḡ`` and the per-token empirical Fisher ``F`` ([r], or [windows, r] per window: each window's
+    own token mean, so any subset's value is the mean of its rows)."""
+
+    sigma: torch.Tensor
+    g: torch.Tensor
+    fisher: torch.Tensor
+
+
+@dataclass
+class ComponentProbe:
+    """Accumulates ``ḡ_i = (1/N) Σ_t a_ti b_ti`` and ``F_i = (1/N) Σ_t (a_ti b_ti)²`` of every target, with
+    ``a_t = P_outᵀ δ_t`` and ``b_t = P_inᵀ x_t`` (:func:`component_directions`), during a streamed backward
+    (:func:`lowrank.streaming.streamed_gradients`'s ``probe``). The hooks give ``d_t = ∂L_b/∂y_t`` of the batch
+    token-mean loss; the per-token gradient is ``δ_t = n_b d_t``. Each window's sums are divided by its
+    ``T − 1`` predictions, and windows are averaged, which is the token mean over all windows (equal lengths).
+    Float64 throughout. ``per_window``: keep every window's row instead of the mean."""
+
+    model: nn.Module
+    whitening: str
+    stats: dict[str, Any]
+    damping: float = 1e-6
+    device: torch.device | str = "cpu"
+    decomposition: str = "svd"
+    per_window: bool = False
+    result: dict[str, ComponentStats] = field(default_factory=dict)
+    _dirs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def begin_block(self, i: int, targets: list[Target]) -> None:
+        self._dirs, self._rows = {}, {}
+        for t in targets:
+            W = linear_weight(self.model.get_submodule(t.name)).detach().to(self.device)
+            S = input_factor(self.whitening, t.name, self.stats, self.damping, self.device)
+            T = output_factor(self.whitening, t.name, self.stats, self.device)
+            self._dirs[t.name] = component_directions(W, S, T, self.decomposition)
+            self._rows[t.name] = []
+
+    def add(self, name: str, x: torch.Tensor, d: torch.Tensor, n_b: int) -> None:
+        _, P_out, P_in = self._dirs[name]
+        a = (d.to(torch.float64) * n_b) @ P_out.to(d.device)  # [b, T, r]: u_iᵀ T^{-1} δ_t
+        b = x.to(torch.float64) @ P_in.to(x.device)  # [b, T, r]: v_iᵀ S^{-1} x_t
+        p = a * b
+        n_w = x.shape[1] - 1  # predictions per window
+        self._rows[name].append((p.sum(dim=1) / n_w, p.square().sum(dim=1) / n_w))  # [b, r] each
+
+    def end_block(self, i: int) -> None:
+        for name, rows in self._rows.items():
+            g = torch.cat([r[0] for r in rows]).cpu()
+            F = torch.cat([r[1] for r in rows]).cpu()
+            if not self.per_window:
+                g, F = g.mean(dim=0), F.mean(dim=0)
+            self.result[name] = ComponentStats(self._dirs[name][0].cpu(), g, F)
+        self._dirs, self._rows = {}, {}
+
+
 @dataclass(frozen=True)
 class Scorer:
-    """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed."""
+    """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed. A scorer with
+    ``from_components`` scores from per-component statistics instead (:class:`ComponentStats`, gathered by a
+    :class:`ComponentProbe` during the streamed backward): ``from_components(σ, ḡ, F) -> score``."""
 
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fn(W, S, G, method="svd"|"eigh")
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # fn(W, S, G, method="svd"|"eigh")
     needs_gradients: bool
     description: str
+    from_components: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None, method: str = "svd"
@@ -77,6 +171,8 @@ def _first_order(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None
 SCORERS: dict[str, Scorer] = {
     "sigma": Scorer(_sigma, False, "singular values of W S"),
     "first_order": Scorer(_first_order, True, "first-order loss change of removing each component (ZS-SVD)"),
+    "second_order": Scorer(None, True, "first-order change plus the per-token empirical-Fisher curvature along "
+                           "each component", from_components=second_order_delta),
 }
 
 
@@ -94,6 +190,17 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
     if sc.needs_gradients and gradients is None:
         raise ValueError(f"scorer {scorer!r} needs calibration gradients")
     out: dict[str, dict[str, torch.Tensor]] = {}
+    if sc.from_components is not None:
+        comps = gradients.components if gradients is not None else None
+        missing = [t.name for t in targets if comps is None or t.name not in comps]
+        if missing:
+            raise ValueError(f"scorer {scorer!r} needs per-component statistics (a ComponentProbe in the streamed "
+                             f"gradients, as fused_scores runs it); missing for {missing[:3]}")
+        for t in targets:
+            c = comps[t.name]
+            g, F = (c.g.mean(dim=0), c.fisher.mean(dim=0)) if c.g.ndim == 2 else (c.g, c.fisher)
+            out[t.name] = {"sigma": c.sigma, "score": sc.from_components(c.sigma, g, F)}
+        return out
     for t in progress(targets, desc=f"score {scorer}/{whitening}"):
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
         S = input_factor(whitening, t.name, stats, damping, device)

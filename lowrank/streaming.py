@@ -22,14 +22,14 @@ Accumulation (float64 by default, on the accelerator during the block, then to C
 
 When a block's gradients are complete, ``on_block(i, G_i, F_i)`` is called while the block is still resident on
 the device: a caller that scores (or reduces) them at once and drops them keeps only one block of gradients
-alive (``keep=False``), e.g. the fused gradient + first-order scoring of :func:`fused_first_order_scores`.
+alive (``keep=False``), e.g. the fused gradient + scoring of :func:`fused_scores`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -40,7 +40,8 @@ from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 from .sharded import place_block, release_block
 
-__all__ = ["BoundaryStore", "streamed_gradients", "fused_scores", "offload_block_inputs", "FisherMode", "OFFLOAD_MODES", "boundary_bytes"]
+__all__ = ["BoundaryStore", "TokenProbe", "streamed_gradients", "fused_scores", "offload_block_inputs", "FisherMode",
+           "OFFLOAD_MODES", "boundary_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,38 @@ class _Acc:
     F: torch.Tensor | None
 
 
+class TokenProbe(Protocol):
+    """Receives every target's per-token input and output gradient during the streamed backward."""
+
+    def begin_block(self, i: int, targets: list[Target]) -> None: ...
+
+    def add(self, name: str, x: torch.Tensor, d: torch.Tensor, n_b: int) -> None: ...
+
+    def end_block(self, i: int) -> None: ...
+
+
+def _capture_hook(name: str, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., None]:
+    """Forward hook: keep the module's input and, once the backward reaches it, the gradient at its output."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        x = args[0].detach()
+
+        def on_grad(d: torch.Tensor) -> None:
+            if name in captured:
+                raise ValueError(f"target {name!r} ran twice in one block call; per-token statistics need one call")
+            captured[name] = (x, d.detach())
+
+        out.register_hook(on_grad)
+
+    return hook
+
+
 def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                        device: torch.device | str = "cpu", targets: list[Target] | None = None,
                        fisher: FisherMode | bool = "none", need_G: bool = True,
                        accumulate_dtype: torch.dtype = torch.float64, offload: str = "auto",
                        on_block: Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None], None]
-                       | None = None, keep: bool = True) -> TargetGradients:
+                       | None = None, keep: bool = True, probe: TokenProbe | None = None) -> TargetGradients:
     """``∂L/∂W`` (and optionally Fisher) of every target over ``windows``, streamed block by block.
 
     Same result as :func:`lowrank.gradients.calibration_gradients` (up to floating-point summation order), with
@@ -151,6 +178,12 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
     ``fisher``: ``"none"``, ``"full"`` (m×n ``Σ_b g_b²``, ``True`` means this) or ``"columns"`` (n-vector
     ``Σ_b Σ_i g_b²``). ``on_block(i, G_i, F_i)`` receives each block's finished (CPU) accumulators; with
     ``keep=False`` they are not retained in the result.
+
+    ``probe`` (:class:`TokenProbe`): per-token statistics. Before block ``i``'s backward ``probe.begin_block(i,
+    targets)`` is called (the block resident, its weights final); during it, hooks hand every target's input
+    ``x`` ([b, T, n]) and the gradient ``d = ∂L_b/∂y`` of the batch's token-mean loss at its output ([b, T, m])
+    to ``probe.add(name, x, d, n_b)`` (``n_b`` the batch's predictions); ``probe.end_block(i)`` closes the
+    block before ``on_block`` is called.
     """
     device = torch.device(device)
     fisher_mode: str = "full" if fisher is True else ("none" if fisher is False else str(fisher))
@@ -239,6 +272,11 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                    else torch.zeros(t.shape.n, dtype=accumulate_dtype, device=device) if fisher_mode == "columns"
                    else None)) for t in tlist}
             need_input = i > 0
+            captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            handles = []
+            if probe is not None:
+                probe.begin_block(i, tlist)
+                handles = [m.register_forward_hook(_capture_hook(t.name, captured)) for t, m in zip(tlist, mods)]
             for b in range(n_batches):
                 args, kwargs = inputs.calls[b][i]
                 x = store.get(i, b).detach().requires_grad_(need_input)
@@ -252,6 +290,11 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                     deltas[b] = grads[0].detach()
                     grads = grads[1:]
                 n_b = weights_n[b][1]
+                if probe is not None:
+                    for t in tlist:
+                        if t.name not in captured:  # pragma: no cover - a target that does not reach the output
+                            raise ValueError(f"no output gradient reached target {t.name!r}")
+                        probe.add(t.name, *captured.pop(t.name), n_b)
                 for t, mod, g in zip(tlist, mods, grads):
                     if g is None:  # pragma: no cover - a target that does not reach the output
                         continue
@@ -263,6 +306,10 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                         a.F.add_(g.square() if fisher_mode == "full" else g.square().sum(dim=0))
             for p in params:
                 p.requires_grad_(False)
+            for h in handles:
+                h.remove()
+            if probe is not None:
+                probe.end_block(i)
             store.drop(i)
             G_i = {n: a.G.to("cpu", torch.float64) for n, a in acc.items() if a.G is not None}
             F_i = {n: a.F.to("cpu", torch.float64) for n, a in acc.items() if a.F is not None} \
@@ -284,7 +331,8 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
     order = [t.name for t in targets]
     G_sorted = {n: G_out[n] for n in order if n in G_out}
     F_sorted = {n: F_out[n] for n in order if n in F_out} if fisher_mode != "none" else None
-    return TargetGradients(G=G_sorted, fisher=F_sorted, tokens=total, loss=loss_sum / total)
+    comps = None if probe is None else {n: probe.result[n] for n in order if n in getattr(probe, "result", {})}
+    return TargetGradients(G=G_sorted, fisher=F_sorted, tokens=total, loss=loss_sum / total, components=comps)
 
 
 def _stem_homes(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[nn.Module, torch.device]]:
@@ -317,19 +365,24 @@ def fused_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, devic
     """Streamed gradients with every block scored as soon as its gradients are complete, then dropped.
 
     Equal to :func:`lowrank.scoring.score_targets` on :func:`streamed_gradients`'s ``G``, with one block of
-    gradients alive at a time instead of the whole model's (float64: 8 bytes per target weight). Returns the
+    gradients alive at a time instead of the whole model's (float64: 8 bytes per target weight). A scorer that
+    reads per-component statistics (``second_order``) gets them from a :class:`lowrank.scoring.ComponentProbe`
+    (no ``G`` is accumulated then). Returns the
     scores in target order and the gradients' bookkeeping (``G`` empty, ``loss``, ``tokens``).
     """
-    from .scoring import score_targets
+    from .scoring import SCORERS, ComponentProbe, score_targets
 
     device = torch.device(device)
     out: dict[str, dict[str, torch.Tensor]] = {}
+    probe = (ComponentProbe(model, whitening, stats, damping, device, decomposition)
+             if scorer in SCORERS and SCORERS[scorer].from_components is not None else None)
 
     def on_block(i: int, G_i: dict[str, torch.Tensor], F_i: dict[str, torch.Tensor] | None) -> None:
         tl = [t for t in targets if t.block == i]
-        part = TargetGradients(G=G_i, fisher=None, tokens=0, loss=0.0)
+        comps = None if probe is None else {t.name: probe.result[t.name] for t in tl}
+        part = TargetGradients(G=G_i, fisher=None, tokens=0, loss=0.0, components=comps)
         out.update(score_targets(model, tl, scorer, whitening, stats, damping, device, part, decomposition))
 
     grads = streamed_gradients(model, windows, batch_size, device, targets=targets, offload=offload,
-                               on_block=on_block, keep=False)
+                               on_block=on_block, keep=False, probe=probe, need_G=probe is None)
     return {t.name: out[t.name] for t in targets}, grads

@@ -33,8 +33,8 @@ def _check_config():
             raise ValueError(f"method name {name!r} is reserved for a results folder; rename it")
         if m["allocator"] in ("zero_sum", "min_abs") and m["scorer"] == "sigma":
             raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
-                             "their predicted loss change; use scorer first_order (sigma values of different "
-                             "matrices are not comparable)")
+                             "their predicted loss change; use scorer first_order or second_order (sigma values "
+                             "of different matrices are not comparable)")
     for r in config["ratios"]:  # the {ratio} folder must say the kept fraction the allocation uses
         if abs(float(r) * 100 - round(float(r) * 100)) > 1e-9:
             raise ValueError(f"ratio {r} has more than two decimals: its folder would be {ratio_label(r)} but the "

@@ -36,9 +36,9 @@ def _check_zeroshot_config():
             raise ValueError(f"model name {name!r} is reserved for a results folder (results/{name}); rename it")
     if NEXT_LINE_TASK in zeroshot_spec()["tasks"]:
         corpus = next_line_corpus()
-        if corpus.get("kind") == "tokens":
+        if corpus.get("kind") in ("tokens", "windows"):
             raise ValueError(f"task {NEXT_LINE_TASK!r} needs text, but its corpus (evaluation.zeroshot.next_line."
-                             "corpus, else evaluation.corpus) is of kind 'tokens'; set evaluation.zeroshot."
+                             f"corpus, else evaluation.corpus) is of kind {corpus['kind']!r}; set evaluation.zeroshot."
                              "next_line.corpus to held-out text, or remove the task from evaluation.zeroshot.tasks")
         try:
             _zs_data.check_disjoint(config["calibration"]["corpus"], corpus)

@@ -25,14 +25,17 @@ def run(smk) -> None:
         w = min(corr["windows"], len(all_windows))
         start = ((s - 1) * w) % len(all_windows)
         windows = all_windows.roll(-start, dims=0)[:w]
+        # the step is judged on the next w windows, never on its own gradient windows (when the file has them)
+        judge = all_windows.roll(-start - w, dims=0)[:w] if len(all_windows) >= 2 * w else None
         stats = load_stats(smk)
         res = correct_model(
             model, teacher, targets, windows, corr["batch_size"],
             lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device,
             backtrack=corr["backtrack"],
-            output_factor=lambda name: output_factor(method["whitening"], name, stats, st.device))
-        st.log.info("stage %d: calibration loss on its %d windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
-                    res.loss_before, res.loss_after, res.scale, res.trials)
+            output_factor=lambda name: output_factor(method["whitening"], name, stats, st.device), judge=judge)
+        st.log.info("stage %d: calibration loss on %d %s windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
+                    "other" if judge is not None else "its own gradient", res.loss_before, res.loss_after,
+                    res.scale, res.trials)
         previous = read_json(smk.input.previous)
         save_compressed(Path(smk.output.manifest).parent, model, smk.input.manifest, {
             "method": smk.wildcards.method, "ratio": float(smk.wildcards.ratio), "stage": s, "recipe": method,

@@ -14,7 +14,8 @@ def run(smk) -> None:
     with stage(smk) as st:
         scorer, whitening, opts = smk.params.scorer, smk.params.whitening, dict(smk.params.scoring)
         needs = SCORERS[scorer].needs_gradients
-        streamed = bool(opts.get("streamed", True)) and needs
+        # per-component statistics (second_order) are gathered by the streamed backward only
+        streamed = (bool(opts.get("streamed", True)) or SCORERS[scorer].from_components is not None) and needs
         stats, decomposition = load_stats(smk), getattr(smk.params, "decomposition", "svd")
         # streamed: one block at a time on the device, the model in CPU memory (or lazy, from its shards)
         model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env()) if streamed

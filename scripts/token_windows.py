@@ -4,7 +4,8 @@ from _adapter import stage
 
 from lowrank.accounting import TargetShape
 from lowrank.allocation import check_recipes_reachable
-from lowrank.data import calibration_windows, check_window_length, evaluation_windows, token_stream
+from lowrank.data import (calibration_windows, check_window_length, evaluation_windows, given_windows,
+                          load_window_file, token_stream)
 from lowrank.io import read_json, save_tensors
 from lowrank.model import load_tokenizer
 
@@ -19,12 +20,15 @@ def run(smk) -> None:
             # (a check only, so the ratios are read from the config, not params: editing them reruns nothing here)
             check_recipes_reachable([TargetShape(*s) for s in arch["target_shapes"]], smk.config["ratios"],
                                     smk.config["methods"], smk.wildcards.model)
-        tok = None if corpus["kind"] == "tokens" else load_tokenizer(smk.input.manifest)
+        tok = None if corpus["kind"] in ("tokens", "windows") else load_tokenizer(smk.input.manifest)
         stream = token_stream(corpus, tok)
         vocab = arch["vocab_size"]
         if int(stream.max()) >= vocab:
             raise ValueError(f"{split} corpus has token id {int(stream.max())} >= the model's vocabulary {vocab}")
-        if split == "calibration":
+        if corpus["kind"] == "windows":  # pre-cut windows, taken as they are
+            n = spec["n_samples"] if split == "calibration" else spec["max_windows"]
+            windows = given_windows(load_window_file(corpus), n, spec["seq_len"])
+        elif split == "calibration":
             bos = tok.bos_token_id if (spec["bos"] and tok is not None) else None
             windows = calibration_windows(stream, spec["n_samples"], spec["seq_len"], spec["seed"], bos)
         else:

@@ -154,3 +154,18 @@ def test_overshooting_step_is_backtracked_and_never_raises_the_loss(truncated):
             torch.testing.assert_close(model.get_submodule(n).weight, W, rtol=0, atol=1e-5)
     else:
         assert res.scale < 1.0 and res.loss_after < res.loss_before
+
+
+def test_step_is_judged_on_windows_not_used_for_its_gradient(truncated):
+    """With ``judge`` windows the loss before, every trial and the loss after are measured on them, not on the
+    gradient windows; the kept step never raises the judged loss."""
+    model, targets, windows, stats = truncated["model"], truncated["targets"], truncated["windows"], truncated["stats"]
+    grad_w, judge = windows[: len(windows) // 2], windows[len(windows) // 2 :]
+    before, before_grad = calibration_loss(model, judge, 2), calibration_loss(model, grad_w, 2)
+    assert abs(before - before_grad) > 1e-3  # the two halves differ, so the check below can tell them apart
+    res = correct_model(model, truncated["teacher"], targets, grad_w, 2,
+                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu", judge=judge)
+    assert res.loss_before == pytest.approx(before, rel=1e-12)
+    assert res.loss_after == pytest.approx(calibration_loss(model, judge, 2), rel=1e-9)
+    assert res.loss_after <= res.loss_before
+    assert all(loss > before for _, loss in res.trials[:-1])  # every rejected trial was worse on the judge windows

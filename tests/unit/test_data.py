@@ -170,3 +170,24 @@ def test_text_corpus_needs_tokenizer():
 def test_unknown_corpus_kind_rejected():
     with pytest.raises(ValueError, match="unknown corpus kind"):
         corpus_identity({"kind": "ftp"})
+
+
+def test_windows_corpus_is_taken_as_it_is(tmp_path):
+    from lowrank.data import given_windows, load_window_file
+
+    rows = torch.arange(4 * 6, dtype=torch.int32).view(4, 6).flip(0)  # not a sorted stream: no resampling allowed
+    f = tmp_path / "w.safetensors"
+    save_file({"tokens": rows}, str(f))
+    spec = {"kind": "windows", "path": str(f)}
+    w = given_windows(load_window_file(spec), 3, 6)
+    assert w.dtype == torch.long and torch.equal(w, rows[:3].long())
+    assert torch.equal(given_windows(load_window_file(spec), None, 6), rows.long())
+    assert corpus_identity(spec) == {str(f.resolve())}
+    with pytest.raises(ValueError, match="holds 4"):
+        given_windows(load_window_file(spec), 5, 6)
+    with pytest.raises(ValueError, match="seq_len is 8"):
+        given_windows(load_window_file(spec), 2, 8)
+    flat = tmp_path / "flat.safetensors"
+    save_file({"tokens": torch.arange(10, dtype=torch.int32)}, str(flat))
+    with pytest.raises(ValueError, match="2-D"):
+        load_window_file({"kind": "windows", "path": str(flat)})

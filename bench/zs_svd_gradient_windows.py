@@ -1,0 +1,174 @@
+"""ZS-SVD perplexity against the number of gradient windows, first_order vs second_order scores (issue 13).
+
+The scores are means over windows, so every window's per-component statistics (``ḡ_i`` and ``F_i`` of every
+target, :class:`lowrank.scoring.ComponentProbe` with ``per_window=True``) are computed ONCE over a pool, and the
+scores of any subset of K windows are formed from them: ``first_order = −σ ḡ_K``, ``second_order = −σ ḡ_K +
+½ σ² F_K``. Each (scorer, K, seed) then runs the zero-sum allocation at every kept fraction, builds the truncated
+weights ``W_k = U_k Σ_k V_kᵀ S⁻¹`` from decompositions cached once (the same product as the factors of
+:func:`lowrank.truncation.truncate`, evaluated dense), and measures perplexity on the VALIDATION windows (training
+plays, overlapping no pool window) and, with ``--heldout``, on the held-out windows. ``seed`` s draws which K
+windows from the pool (``random.Random(s)``); ``first`` rows take the first K pool windows (the pipeline's
+``scoring.gradient_windows: K`` on the same calibration file). Input Grams: the calibration file's windows.
+
+Windows from ``bench/identical_windows.py``. Prints a markdown table (mean and spread over seeds):
+
+    python bench/identical_windows.py --tokenizer results/smollm2-135m/pretrained/hf --out results/identical
+    python bench/zs_svd_gradient_windows.py --manifest results/smollm2-135m/pretrained/manifest.json \\
+        --windows results/identical --cache results/identical/cache --pool 96 --ks 1,4,16,64 --seeds 3 \\
+        --ratios 0.6,0.4 --val 8 --heldout > bench/results/zs_svd_gradient_windows_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowrank.allocation import allocate
+from lowrank.calibration import InputGrams, collect_input_grams
+from lowrank.evaluation import perplexity
+from lowrank.io import load_tensors, save_tensors
+from lowrank.model import find_targets, linear_weight, load_model
+from lowrank.scoring import ComponentProbe, component_directions, second_order_delta
+from lowrank.spaces import input_factor
+from lowrank.streaming import streamed_gradients
+
+log = logging.getLogger("bench")
+
+
+def grams_for(model, targets, calib: torch.Tensor, path: Path) -> InputGrams:
+    if path.is_file():
+        return InputGrams.from_tensors(*load_tensors(path))
+    g = collect_input_grams(model, calib, 4, torch.device("cpu"), targets)
+    save_tensors(path, *g.to_tensors())
+    return InputGrams.from_tensors(*load_tensors(path))  # float32 round trip, as the pipeline stores it
+
+
+def window_stats(model, targets, stats, pool: torch.Tensor, path: Path, chunk: int = 8
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``{target: (σ, ḡ rows [P, r], F rows [P, r])}``, computed in chunks of windows and cached per chunk."""
+    path.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list] = {}
+    for s in range(0, pool.shape[0], chunk):
+        part = path / f"stats_{s:04d}.pt"
+        if not part.is_file():
+            t0 = time.perf_counter()
+            probe = ComponentProbe(model, "input_gram", stats, 1e-6, "cpu", "eigh", per_window=True)
+            streamed_gradients(model, pool[s : s + chunk], 2, "cpu", targets, probe=probe, need_G=False)
+            torch.save({n: (c.sigma, c.g.float(), c.fisher.float()) for n, c in probe.result.items()}, part)
+            log.info("windows %d-%d: %.0f s", s, s + chunk, time.perf_counter() - t0)
+        for n, v in torch.load(part).items():
+            out.setdefault(n, []).append(v)
+    return {n: (v[0][0], torch.cat([x[1] for x in v]).double(), torch.cat([x[2] for x in v]).double())
+            for n, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--windows", required=True, help="folder written by bench/identical_windows.py")
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--pool", type=int, default=96)
+    ap.add_argument("--ks", default="1,4,16,64")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first", action="store_true", help="also the first-K rows (the pipeline's choice)")
+    ap.add_argument("--ratios", default="0.6,0.4")
+    ap.add_argument("--scorers", default="first_order,second_order")
+    ap.add_argument("--floors", default="0", help="min_rank_fraction values")
+    ap.add_argument("--val", type=int, default=8, help="validation windows used")
+    ap.add_argument("--heldout", action="store_true", help="also evaluate on the held-out windows")
+    ap.add_argument("--heldout-ks", default=None, help="only these K on the held-out windows (default: all)")
+    ap.add_argument("--heldout-windows", type=int, default=None, help="the first this-many held-out windows")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=8, help="windows per cached statistics file")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("LOWRANK_NO_PROGRESS", "1")
+    torch.set_num_threads(a.threads)
+    wdir, cache = Path(a.windows), Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    calib = load_tensors(wdir / "calibration.safetensors")[0]["tokens"]
+    pool = load_tensors(wdir / "pool.safetensors")[0]["tokens"][: a.pool]
+    val = load_tensors(wdir / "validation.safetensors")[0]["tokens"][: a.val]
+    held = load_tensors(wdir / "evaluation.safetensors")[0]["tokens"][: a.heldout_windows]
+    model = load_model(a.manifest, dtype=torch.float32, device="cpu")
+    targets = find_targets(model)
+    shapes = {t.name: t.shape for t in targets}
+    stats = {"input_gram": grams_for(model, targets, calib, cache / "input_gram.safetensors")}
+    rows = window_stats(model, targets, stats, pool, cache / f"chunk{a.chunk}", a.chunk)
+    # the truncated weights of any rank k: W_k = (U Σ)[:, :k] (Vᵀ S⁻¹)[:k]
+    W0, US, VS = {}, {}, {}
+    for t in targets:
+        W = linear_weight(model.get_submodule(t.name)).detach()
+        sigma, P_out, P_in = component_directions(W, input_factor("input_gram", t.name, stats, 1e-6), None, "eigh")
+        W0[t.name], US[t.name], VS[t.name] = W.clone(), (P_out * sigma).float(), P_in.T.float().contiguous()
+
+    held_ks = None if a.heldout_ks is None else {int(k) for k in a.heldout_ks.split(",")}
+
+    def evaluate(ranks: dict[str, int | None], K: int) -> dict[str, float]:
+        with torch.no_grad():
+            for t in targets:
+                k = ranks[t.name]
+                w = W0[t.name] if k is None else US[t.name][:, :k] @ VS[t.name][:k]
+                model.get_submodule(t.name).weight.copy_(w)  # y = W x orientation: Linear layers only here
+        out = {"val": perplexity(model, val, 4)["ppl"]}
+        if a.heldout and (held_ks is None or K in held_ks):
+            out["heldout"] = perplexity(model, held, 4)["ppl"]
+        return out
+
+    choices: list[tuple[str, int, list[int]]] = []
+    for K in [int(k) for k in a.ks.split(",")]:
+        if a.first:
+            choices.append(("first", K, list(range(K))))
+        for s in range(a.seeds):
+            choices.append((f"seed{s}", K, sorted(random.Random(s).sample(range(a.pool), K))))
+    done: dict[tuple, dict[str, float]] = {}  # identical subsets (K = pool) are evaluated once
+    results = []
+    for scorer in a.scorers.split(","):
+        for label, K, idx in choices:
+            scores = {}
+            for n, (sigma, g, F) in rows.items():
+                gk, Fk = g[idx].mean(0), F[idx].mean(0)
+                scores[n] = -sigma * gk if scorer == "first_order" else second_order_delta(sigma, gk, Fk)
+            for ratio in [float(r) for r in a.ratios.split(",")]:
+                for floor in [float(f) for f in a.floors.split(",")]:
+                    t0 = time.perf_counter()
+                    key = (scorer, tuple(idx), ratio, floor)
+                    if key not in done:
+                        done[key] = evaluate(allocate("zero_sum", shapes, ratio, scores, floor).ranks, K)
+                    ppl = done[key]
+                    rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor, **ppl}
+                    results.append(rec)
+                    log.info("%s %.0f s", json.dumps(rec), time.perf_counter() - t0)
+    (cache / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"SmolLM2-135M, zero-sum allocation, CPU ({a.threads} thread, shared machine), pool of {a.pool} "
+          f"gradient windows x {pool.shape[1]} tokens; input Grams over {calib.shape[0]} calibration windows; "
+          f"validation = {val.shape[0]} windows of the training plays overlapping no pool window"
+          + (f"; held-out = {held.shape[0]} windows of the held-out plays" if a.heldout else "") + "\n")
+    cols = ["val"] + (["heldout"] if a.heldout else [])
+    print("| scorer | kept | floor | K | " + " | ".join(f"{c} ppl (mean ± sd over seeds)" for c in cols)
+          + " | " + " | ".join(f"{c} ppl, first K" for c in cols) * a.first + " |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(cols) * (1 + a.first)))
+    keys = sorted({(r["scorer"], r["ratio"], r["floor"], r["K"]) for r in results},
+                  key=lambda k: (k[0], -k[1], k[2], k[3]))
+    for sc, ratio, floor, K in keys:
+        sel = [r for r in results if (r["scorer"], r["ratio"], r["floor"], r["K"]) == (sc, ratio, floor, K)]
+        seeded = [r for r in sel if r["choice"].startswith("seed")]
+        cells = []
+        for c in cols:
+            v = [r[c] for r in seeded if c in r]
+            cells.append("-" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+        if a.first:
+            cells += [f"{r[c]:.2f}" if c in r else "-" for r in sel if r["choice"] == "first" for c in cols]
+        print(f"| {sc} | {ratio:.2f} | {floor:g} | {K} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
