@@ -3,6 +3,7 @@ bad quantize / K input fails cleanly."""
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
@@ -11,12 +12,12 @@ import pytest
 
 from wf import SHARED_METHODS, snakemake, tiny_config, write_workdir
 
-METHODS = {k: SHARED_METHODS[k] for k in ("io-svd", "zs-svd-remap", "io-svd-plus")}
+METHODS = {k: SHARED_METHODS[k] for k in ("io-svd", "zs-svd-remap", "io-svd-plus")}  # read-only: _config copies
 
 
 def _config() -> dict:
     cfg = tiny_config()
-    cfg["methods"] = dict(METHODS)
+    cfg["methods"] = copy.deepcopy(METHODS)
     cfg["ratios"] = [0.5]
     cfg["statistics"] = {"output_kl": {"top_k": 5, "max_windows": 4}}
     return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -40,7 +41,7 @@ def shared_config() -> dict[str, Any]:
     """The config of the shared tiny DAG (tests/workflow/conftest.py's ``tiny_dag``): tiny.yaml plus
     SHARED_METHODS at tiny.yaml's kept fractions 0.8 and 0.5, with small output_kl and prehab settings."""
     cfg = tiny_config()
-    cfg["methods"].update(SHARED_METHODS)
+    cfg["methods"].update(copy.deepcopy(SHARED_METHODS))  # a fresh dict: tests edit their config
     cfg["statistics"] = {"output_kl": {"top_k": 5, "max_windows": 4}}
     cfg["prehab"] = dict(PREHAB)
     return cfg
