@@ -17,7 +17,8 @@ def run(smk) -> None:
             model = load_compressed(folder, dtype=st.dtype, device=st.device)
             manifest = read_json(smk.input.compressed)
             factors = folder / manifest["factors"]
-            extra = {"factor_file_bytes": factors.stat().st_size, **storage_bytes(model, manifest)}
+            extra = {"factor_file_bytes": factors.stat().st_size, **storage_bytes(model, manifest),
+                     "compressed_dir": folder.as_posix()}  # the evaluated (last) stage, relative to the run
         else:
             model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
             extra = {}

@@ -1,14 +1,61 @@
-"""Fixtures of the workflow tests (helpers live in wf.py)."""
+"""Fixtures of the workflow tests (helpers live in wf.py).
+
+The shared tiny DAG
+-------------------
+``tiny_dag`` is ONE real Snakemake run per test session of the whole DAG on the tiny random LLaMA of
+``tests/data/tiny.yaml`` (a 256-token byte tokenizer, random token files, a held-out text file), with the recipes of
+``wf.shared_config()``: svd, svd-llm, zs-svd (+1 projected correction), io-svd (output_kl statistic, two-sided
+whitening), zs-svd-remap and io-svd-plus (both int8 quantize modes) and prehab-svd-llm (prehab + rehab), at kept
+fractions 0.8 and 0.5, with the offline zero-shot task, speed, the summary, the prehab report. Every stage of the
+pipeline runs in it, so a test of a stage reads its artifacts instead of running a DAG of its own:
+
+    def test_my_stage(tiny_dag: Path) -> None:
+        record = read_json(tiny_dag / "results/tiny-llama/zs-svd/0.50/eval/ppl.json")
+        ...
+
+Rules of use:
+
+* Treat ``tiny_dag`` as read-only. To rerun, edit the config or break something, work on a copy:
+  ``wd = copy_run(tiny_dag, tmp_path / "run", config)`` (wf.py; mtimes and Snakemake's metadata are kept, so a dry
+  run of the copy plans only what the edit changes).
+* A new stage or recipe kind: add it to ``wf.SHARED_METHODS`` (or the config of ``shared_config``) so that it runs
+  once, here; then update the job counts that tests/workflow/test_pipeline_tiny.py expects.
+* Dry runs (``snakemake(wd, "-n")``) on a fresh ``workdir`` are cheap (a few seconds); a real run of another DAG
+  costs a minute or more of the 10-minute budget of ``python3 -m pytest``: put such tests behind
+  ``@pytest.mark.slow`` (run by ``python3 -m pytest -m slow``, which .ci/run calls after the main command).
+
+Cost: 94 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
+2 idle cores. While iterating on assertions, ``LOWRANK_TINY_DAG=/some/folder python3 -m pytest tests/workflow``
+runs the DAG into that folder once and reuses it in later sessions (Snakemake brings it up to date first, so an
+edit of the code or of ``shared_config`` reruns what it changes); CI never sets it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from wf import write_workdir
+from wf import shared_config, snakemake, write_config, write_workdir
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
+    """A fresh run folder with tiny.yaml as config.yaml and the token / text files it reads (nothing run)."""
     return write_workdir(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory) -> Path:
+    """The folder of the session's one complete run of the shared tiny DAG (see the module docstring)."""
+    reuse = os.environ.get("LOWRANK_TINY_DAG")
+    if reuse and (Path(reuse) / "config.yaml").is_file():
+        wd = Path(reuse)
+        if yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
+            write_config(wd, shared_config())
+    else:
+        wd = write_workdir(Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-dag") / "run", shared_config())
+    snakemake(wd)
+    return wd

@@ -1,37 +1,31 @@
-"""The IO-SVD and hybrid int8 recipes run end to end on the tiny model; bad quantize / K input fails cleanly."""
+"""The IO-SVD and hybrid int8 recipes run end to end on the tiny model (in the shared run, conftest.tiny_dag);
+bad quantize / K input fails cleanly."""
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
 
 import pytest
 
-from wf import snakemake, tiny_config, write_workdir
+from wf import SHARED_METHODS, snakemake, tiny_config, write_workdir
 
-METHODS = {
-    "io-svd": {"whitening": "io_kl", "scorer": "first_order", "allocator": "zero_sum"},
-    "zs-svd-remap": {"whitening": "input_gram", "scorer": "first_order", "allocator": "zero_sum",
-                     "quantize": {"mode": "remap"}},
-    "io-svd-plus": {"whitening": "io_kl", "scorer": "first_order", "allocator": "zero_sum",
-                    "quantize": {"mode": "loss_aware", "gradient_windows": 2}},
-}
+METHODS = {k: SHARED_METHODS[k] for k in ("io-svd", "zs-svd-remap", "io-svd-plus")}  # read-only: _config copies
 
 
 def _config() -> dict:
     cfg = tiny_config()
-    cfg["methods"] = dict(METHODS)
+    cfg["methods"] = copy.deepcopy(METHODS)
     cfg["ratios"] = [0.5]
     cfg["statistics"] = {"output_kl": {"top_k": 5, "max_windows": 4}}
     return cfg
 
 
-@pytest.fixture(scope="module")
-def io_run(tmp_path_factory) -> Path:
-    wd = write_workdir(tmp_path_factory.mktemp("io") / "run", _config())
-    snakemake(wd)
-    return wd
+@pytest.fixture
+def io_run(tiny_dag: Path) -> Path:
+    return tiny_dag
 
 
 def test_every_recipe_is_evaluated_and_bytes_on_disk_are_accounted(io_run: Path) -> None:

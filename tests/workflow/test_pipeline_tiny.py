@@ -1,18 +1,16 @@
-"""The whole DAG through Snakemake on a tiny random LLaMA in a temporary folder."""
+"""The whole DAG through Snakemake on a tiny random LLaMA: assertions on the shared run (conftest.tiny_dag)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
-from wf import planned_jobs, snakemake, tiny_config, write_workdir
+from wf import SHARED_METHODS, copy_run, planned_jobs, shared_config, snakemake, write_config
 
 from lowrank.calibration import InputGrams
 from lowrank.checkpoint import load_compressed
@@ -21,11 +19,13 @@ from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, linear_weight, load_model
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    wd = write_workdir(tmp_path_factory.mktemp("pipeline") / "run")
-    snakemake(wd)
-    return wd
+METHODS = sorted(["svd", "svd-llm", "zs-svd", *SHARED_METHODS])
+N = len(METHODS) * 2  # compressed models: every recipe at kept 0.8 and 0.5
+
+
+@pytest.fixture
+def tiny_run(tiny_dag: Path) -> Path:
+    return tiny_dag
 
 
 def test_every_artifact_exists_and_the_table_is_complete(tiny_run: Path) -> None:
@@ -37,8 +37,8 @@ def test_every_artifact_exists_and_the_table_is_complete(tiny_run: Path) -> None
     table = pd.read_csv(r / "summary/table.csv")
     assert list(table.columns) == ["model", "method", "ratio", "metric", "value"]
     ppl = table[table.metric == "ppl"]
-    assert len(ppl) == 1 + 3 * 2  # dense + 3 methods x 2 ratios
-    assert sorted(ppl.method.unique()) == ["dense", "svd", "svd-llm", "zs-svd"]
+    assert len(ppl) == 1 + N  # dense + 7 methods x 2 ratios
+    assert sorted(ppl.method.unique()) == sorted(["dense", *METHODS])
     kept = table[(table.metric == "kept_fraction") & (table.method != "dense")]
     for row in kept.itertuples():
         assert row.value <= row.ratio + 1e-12  # the budget is never exceeded
@@ -82,25 +82,23 @@ def test_second_run_does_nothing(tiny_run: Path) -> None:
     assert planned_jobs(snakemake(tiny_run, "-n")) == {}
 
 
-def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: Path) -> None:
-    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: Path, tmp_path: Path) -> None:
+    cfg = shared_config()
     cfg["ratios"] = [0.8, 0.3]
-    wd = tiny_run.parent / "ratios"
-    shutil.copytree(tiny_run, wd)
-    (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    wd = copy_run(tiny_run, tmp_path / "ratios", cfg)
     jobs = planned_jobs(snakemake(wd, "-n"))
-    # only the new ratio's jobs (three methods, one correction), and the summary; statistics and scores are shared
-    assert jobs == {"all": 1, "allocate": 3, "truncate": 3, "correct": 1, "evaluate_compressed": 3,
-                    "evaluate_zeroshot": 3, "measure_speed": 3, "summarize": 1}
+    # only the new ratio's jobs (7 recipes: 5 truncations, 1 correction, 2 quantizations, 1 rehab), the summary and
+    # the prehab report; statistics, scores and the prehab model are shared
+    assert jobs == {"all": 1, "allocate": 7, "truncate": 5, "correct": 1, "quantize": 2, "rehab": 1,
+                    "evaluate_compressed": 7, "evaluate_zeroshot": 7, "measure_speed": 7, "summarize": 1,
+                    "prehab_report": 1}
 
 
-def test_bad_evaluation_input_fails_cleanly_and_upstream_is_not_recomputed(tiny_run: Path) -> None:
-    wd = tiny_run.parent / "bad-eval"
-    shutil.copytree(tiny_run, wd)
-    save_file({"tokens": torch.full((4000,), 10_000)}, str(wd / "bad_tokens.safetensors"))  # ids >= vocab 256
-    cfg = tiny_config()
+def test_bad_evaluation_input_fails_cleanly_and_upstream_is_not_recomputed(tiny_run: Path, tmp_path: Path) -> None:
+    cfg = shared_config()
     cfg["evaluation"]["corpus"] = {"kind": "tokens", "path": "bad_tokens.safetensors"}
-    (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    wd = copy_run(tiny_run, tmp_path / "bad-eval", cfg)
+    save_file({"tokens": torch.full((4000,), 10_000)}, str(wd / "bad_tokens.safetensors"))  # ids >= vocab 256
     proc = snakemake(wd, check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -108,9 +106,9 @@ def test_bad_evaluation_input_fails_cleanly_and_upstream_is_not_recomputed(tiny_
     assert not (wd / "results/tiny-llama/data/evaluation.safetensors").exists()  # no partial artifact
     assert not list((wd / "results").rglob("*.tmp"))
     # the fix reruns only what depends on the evaluation windows
-    (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config(), sort_keys=False))
-    jobs = planned_jobs(snakemake(wd, "-n"))
-    assert jobs == {"all": 1, "token_windows": 1, "evaluate_source": 1, "evaluate_compressed": 6, "summarize": 1}
+    jobs = planned_jobs(snakemake(write_config(wd, shared_config()), "-n"))
+    assert jobs == {"all": 1, "token_windows": 1, "evaluate_source": 2, "evaluate_compressed": N, "summarize": 1,
+                    "prehab_report": 1}
     assert json.loads((wd / "results/summary/metrics.json").read_text())  # the old summary is untouched
 
 
@@ -128,19 +126,40 @@ def test_zero_sum_allocation_and_correction_stage(tiny_run: Path) -> None:
     assert perplexity(load_compressed(r / "stage1"), windows, 4)["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-6)
 
 
-def test_zero_shot_and_speed_join_the_table_and_the_html_report_builds(tiny_run: Path) -> None:
+def test_zero_shot_and_speed_join_the_table(tiny_run: Path) -> None:
     r = tiny_run / "results"
     table = pd.read_csv(r / "summary/table.csv")
     acc = table[table.metric == "acc:lowrank_next_line"]
-    assert len(acc) == 1 + 3 * 2 and acc.value.between(0, 1).all()
+    assert len(acc) == 1 + N and acc.value.between(0, 1).all()
     record = read_json(r / "tiny-llama/svd/0.50/eval/zeroshot.json")
     assert record["tasks"]["lowrank_next_line"]["n"] == 12  # tiny.yaml's n_items
     for metric in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "disk_bytes"):
-        assert (table[table.metric == metric].value > 0).sum() == 7, metric
+        assert (table[table.metric == metric].value > 0).sum() == 1 + N, metric
     disk = table[table.metric == "disk_bytes"].set_index(["method", "ratio"]).value
     assert disk[("svd-llm", 0.5)] < disk[("svd-llm", 0.8)] < disk[("dense", 1.0)]  # factors shrink with the budget
     assert "Zero-shot accuracy" in (r / "summary/table.md").read_text()
     assert (r / "summary/plots/accuracy_vs_ratio.png").stat().st_size > 10_000
-    snakemake(tiny_run, "--report", "report.html")
-    html = (tiny_run / "report.html").read_text(errors="replace")
+
+
+def test_the_html_report_builds(tiny_run: Path, tmp_path: Path) -> None:
+    wd = copy_run(tiny_run, tmp_path / "report")
+    snakemake(wd, "--report", "report.html")
+    html = (wd / "report.html").read_text(errors="replace")
     assert "accuracy_vs_ratio.png" in html and "ppl_vs_ratio.png" in html and "lowrank_next_line" in html
+
+
+def test_a_job_left_incomplete_by_a_crash_is_redone_by_the_default_profile(tiny_run: Path, tmp_path: Path) -> None:
+    """A killed job leaves Snakemake's incomplete marker on its output; profiles/default sets rerun-incomplete."""
+    import base64
+
+    wd = copy_run(tiny_run, tmp_path / "crashed")
+    target = "results/tiny-llama/svd/0.50/eval/ppl.json"
+    marker = wd / ".snakemake" / "incomplete" / base64.urlsafe_b64encode(target.encode()).decode()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"external_jobid": None}))
+    jobs = planned_jobs(snakemake(wd, "-n"))
+    assert jobs == {"all": 1, "evaluate_compressed": 1, "summarize": 1}
+    # without the profile Snakemake refuses and names the file and the flag (the README's recovery paragraph)
+    proc = snakemake(wd, "-n", "--workflow-profile", "none", check=False)
+    assert proc.returncode != 0
+    assert target in proc.stdout + proc.stderr and "--rerun-incomplete" in proc.stdout + proc.stderr

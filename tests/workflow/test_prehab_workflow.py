@@ -10,24 +10,20 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from wf import REPO, planned_jobs, snakemake, tiny_config, write_workdir
+from wf import PREHAB, REPO, planned_jobs, snakemake, tiny_config, write_workdir
 
 from lowrank.checkpoint import load_compressed
 from lowrank.io import read_json
 from lowrank.model import find_targets, linear_weight, load_model
 
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
-PREHAB = {"steps": 3, "lambda0": 0.1, "lambda_max": 1.0, "warmup_steps": 2, "lr": 1e-3, "batch_size": 4,
-          "checkpoint_every": 2}
 
 
-def prehab_config(rehab_steps: int = 0) -> dict:
+def prehab_config() -> dict:
     cfg = tiny_config()
     cfg["methods"] = {"svd-llm": cfg["methods"]["svd-llm"],
                       "prehab-svd-llm": {"whitening": "input_gram", "scorer": "sigma", "allocator": "uniform",
                                          "prehab": True}}
-    if rehab_steps:
-        cfg["methods"]["prehab-svd-llm"]["rehab"] = {"steps": rehab_steps, "lr": 1e-3, "batch_size": 4}
     cfg["ratios"] = [0.5]
     cfg["prehab"] = dict(PREHAB)
     return cfg
@@ -73,9 +69,9 @@ def test_a_prehab_recipe_without_statistics_fails_at_parse_time_with_the_fix(tmp
     assert "Set whitening: input_gram" in proc.stdout + proc.stderr
 
 
-def test_prehab_and_rehab_run_end_to_end(tmp_path: Path) -> None:
-    wd = write_workdir(tmp_path / "run", prehab_config(rehab_steps=2))
-    snakemake(wd)
+def test_prehab_and_rehab_run_end_to_end(tiny_dag: Path) -> None:
+    """prehab-svd-llm (3 prehab steps, 2 rehab steps) of the shared run (conftest.tiny_dag)."""
+    wd = tiny_dag
     r = wd / "results"
     man = read_json(r / "tiny-llama/prehab/manifest.json")
     assert len(man["history"]) == 3 and man["history"][-1]["lambda"] == 1.0
@@ -95,7 +91,7 @@ def test_prehab_and_rehab_run_end_to_end(tmp_path: Path) -> None:
     model = load_compressed(r / "tiny-llama/prehab-svd-llm/0.50/rehab")
     assert sum(1 for _ in model.modules() if type(_).__name__ == "LowRankLinear") == len(reh["ranks"])
     report = read_json(r / "summary/prehab.json")["rows"]
-    assert len(report) == 1 and report[0]["without"] == "svd-llm"
-    assert report[0]["ppl_with_prehab"] > 0 and report[0]["ppl_without_prehab"] > 0
+    assert len(report) == 2 and {row["without"] for row in report} == {"svd-llm"}  # one row per kept fraction
+    assert all(row["ppl_with_prehab"] > 0 and row["ppl_without_prehab"] > 0 for row in report)
     assert (r / "summary/plots/prehab_spectra.png").stat().st_size > 10_000
     assert planned_jobs(snakemake(wd, "-n")) == {}

@@ -1,9 +1,10 @@
 """Reproduction: DVC round trip through a local remote, byte-identical reruns, and what a config or code edit reruns.
 
-One small project (the tiny model, plain SVD and SVD-LLM at one kept fraction, zero-shot and speed on) is copied
-with the whole workflow into a temporary git repository and run once through `dvc repro`; a fresh clone pulls it
-back (no recomputation) and then recomputes everything with --forceall to compare file hashes.
-Cost: two runs of 21 tiny jobs (~1 minute each on 2 idle cores) plus a few seconds of DVC and dry runs.
+The shared tiny run (conftest.tiny_dag: its config, results and Snakemake metadata) is copied with the whole
+workflow into a temporary git repository and recorded by `dvc repro` (whose `snakemake --cores all` finds nothing
+to do); a fresh clone pulls it back (no recomputation). Cost: a few seconds of DVC and dry runs. The slow test
+(-m slow) recomputes a clone with --forceall (the whole shared DAG again, ~3 minutes on 2 idle cores) to compare
+file hashes.
 """
 
 from __future__ import annotations
@@ -18,19 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import REPO, planned_jobs, tiny_config, write_workdir
+from wf import REPO, copy_run, planned_jobs
 
 WORKFLOW = ["Snakefile", "rules", "scripts", "schemas", "profiles", "report", "lowrank", "dvc.yaml",
             "pyproject.toml", ".gitignore", ".dvcignore"]
 # timings and the files that hold them are not expected to repeat; everything else is
 NOT_BYTE_IDENTICAL = ("speed.json", "speed.md", "table.csv", "table.md", "metrics.json")
-
-
-def _config() -> dict:
-    cfg = tiny_config()
-    cfg["methods"] = {k: cfg["methods"][k] for k in ("svd", "svd-llm")}
-    cfg["ratios"] = [0.5]
-    return cfg
 
 
 def _env(project: Path) -> dict[str, str]:
@@ -62,10 +56,10 @@ def hashes(results: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git + DVC project with the tiny config, run once by `dvc repro` and pushed to a local remote."""
+def project(tmp_path_factory, tiny_dag: Path) -> Path:
+    """A git + DVC project holding the shared tiny run, recorded by `dvc repro` and pushed to a local remote."""
     root = tmp_path_factory.mktemp("repro")
-    proj = write_workdir(root / "project", _config())
+    proj = copy_run(tiny_dag, root / "project")
     for name in WORKFLOW:
         src = REPO / name
         if src.is_dir():
@@ -108,6 +102,7 @@ def test_fresh_clone_pulls_results_and_plans_no_job(project: Path) -> None:
     assert planned_jobs(smk(clone, "-n")) == {}
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_byte_identical_artifacts(project: Path) -> None:
     again = project.parent / "again"
     run(project.parent, "git", "clone", "-q", str(project), str(again))
@@ -131,17 +126,19 @@ def test_editing_one_method_reruns_only_that_method(project: Path) -> None:
     cfg["methods"]["svd-llm"]["min_rank_fraction"] = 0.1
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     jobs = planned_jobs(smk(wd, "-n"))
-    assert jobs == {"all": 1, "allocate": 1, "truncate": 1, "evaluate_compressed": 1, "evaluate_zeroshot": 1,
-                    "measure_speed": 1, "summarize": 1}
+    # svd-llm at both kept fractions, the summary, and the prehab report (it compares prehab-svd-llm with svd-llm)
+    assert jobs == {"all": 1, "allocate": 2, "truncate": 2, "evaluate_compressed": 2, "evaluate_zeroshot": 2,
+                    "measure_speed": 2, "summarize": 1, "prehab_report": 1}
     outputs = [ln for ln in smk(wd, "-n").stdout.splitlines() if ln.strip().startswith("output:")]
-    assert len(outputs) == 6 and not [ln for ln in outputs if "/svd/" in ln or "/pretrained/" in ln]
+    assert len(outputs) == 12 and not [ln for ln in outputs if "/svd/" in ln or "/pretrained/" in ln]
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("zeroshot", {"next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 2}),
-    ("speed", {"measure_speed_source": 1, "measure_speed": 2}),
-    ("allocation", {"allocate": 2, "truncate": 2, "evaluate_compressed": 2, "evaluate_zeroshot": 2,
-                    "measure_speed": 2}),
+    ("zeroshot", {"next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 14}),
+    ("speed", {"measure_speed_source": 1, "measure_speed": 14}),
+    # every recipe at both kept fractions from its allocation on (7 recipes x 2)
+    ("allocation", {"allocate": 14, "truncate": 10, "correct": 2, "quantize": 4, "rehab": 2,
+                    "evaluate_compressed": 14, "evaluate_zeroshot": 14, "measure_speed": 14, "prehab_report": 1}),
 ])
 def test_editing_a_core_module_reruns_the_stages_that_use_it(project: Path, module: str, expected: dict) -> None:
     wd = _edited_copy(project, f"edit-{module}")

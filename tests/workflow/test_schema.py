@@ -22,6 +22,8 @@ def test_default_config_is_valid_and_defaults_are_filled() -> None:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     validate(cfg, SCHEMA)
     assert cfg["ratios"] == [0.8, 0.6, 0.4]
+    full = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    validate(full, SCHEMA)
     assert cfg["models"]["smollm2-135m"]["source"] == "gguf_package"
     tiny = tiny_config()
     validate(tiny, SCHEMA)
@@ -138,3 +140,35 @@ def test_sensitivity_allocator_plans_its_statistics(workdir) -> None:
     jobs = planned_jobs(snakemake(workdir, "-n"))
     # act_scale for the space, asvd_sensitivity for the allocator
     assert jobs["calibration_stats"] == 2 and jobs["allocate"] == 2 and jobs["truncate"] == 2
+
+
+def test_full_config_merged_over_the_default_is_the_full_config() -> None:
+    """`--configfile config/full.yaml` is merged over config.yaml (nested dicts key by key): full.yaml must hold
+    every recipe and every key of config.yaml, so that the merge is exactly full.yaml."""
+    from snakemake.utils import update_config
+
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    full = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    merged = copy.deepcopy(default)
+    update_config(merged, full)
+    assert merged == full
+    assert set(default["methods"]) < set(full["methods"])
+    assert not default["evaluation"]["zeroshot"]["tasks"] and not default["evaluation"]["speed"]["enabled"]
+
+
+# the headline of `snakemake --cores all`: dense + svd-llm, zs-svd, zs-svd-remap at kept 0.8 / 0.6 / 0.4
+DEFAULT_JOBS = {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "evaluate_source": 1,
+                "score_components": 2, "allocate": 9, "truncate": 6, "quantize": 3, "evaluate_compressed": 9,
+                "summarize": 1}
+
+
+def test_default_and_full_commands_plan_the_short_and_the_full_table(tmp_path) -> None:
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    assert planned_jobs(snakemake(wd, "-n")) == DEFAULT_JOBS
+    full = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    jobs = planned_jobs(snakemake(wd, "-n", "--configfile", str(REPO / "config" / "full.yaml")))
+    n = len(full["methods"]) * len(full["ratios"])
+    assert jobs["allocate"] == jobs["evaluate_compressed"] == jobs["evaluate_zeroshot"] == jobs["measure_speed"] == n
+    assert jobs["prehab"] == 1 and jobs["evaluate_zeroshot_source"] == jobs["measure_speed_source"] == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,31 @@ def tiny_config() -> dict[str, Any]:
     return yaml.safe_load(TINY.read_text())
 
 
+# The recipes the shared tiny DAG adds to tiny.yaml's svd / svd-llm / zs-svd (+1 correction): one of every other
+# stage kind (two-sided whitening with its output_kl statistic, both int8 quantize modes, prehab with rehab).
+SHARED_METHODS: dict[str, dict[str, Any]] = {
+    "io-svd": {"whitening": "io_kl", "scorer": "first_order", "allocator": "zero_sum"},
+    "zs-svd-remap": {"whitening": "input_gram", "scorer": "first_order", "allocator": "zero_sum",
+                     "quantize": {"mode": "remap"}},
+    "io-svd-plus": {"whitening": "io_kl", "scorer": "first_order", "allocator": "zero_sum",
+                    "quantize": {"mode": "loss_aware", "gradient_windows": 2}},
+    "prehab-svd-llm": {"whitening": "input_gram", "scorer": "sigma", "allocator": "uniform", "prehab": True,
+                       "rehab": {"steps": 2, "lr": 1e-3, "batch_size": 4}},
+}
+PREHAB = {"steps": 3, "lambda0": 0.1, "lambda_max": 1.0, "warmup_steps": 2, "lr": 1e-3, "batch_size": 4,
+          "checkpoint_every": 2}
+
+
+def shared_config() -> dict[str, Any]:
+    """The config of the shared tiny DAG (tests/workflow/conftest.py's ``tiny_dag``): tiny.yaml plus
+    SHARED_METHODS at tiny.yaml's kept fractions 0.8 and 0.5, with small output_kl and prehab settings."""
+    cfg = tiny_config()
+    cfg["methods"].update(copy.deepcopy(SHARED_METHODS))  # a fresh dict: tests edit their config
+    cfg["statistics"] = {"output_kl": {"top_k": 5, "max_windows": 4}}
+    cfg["prehab"] = dict(PREHAB)
+    return cfg
+
+
 def write_workdir(path: Path, config: dict[str, Any] | None = None, vocab: int = 256) -> Path:
     """A run folder: config.yaml plus disjoint calibration / evaluation token files (random ids < vocab)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -28,8 +55,7 @@ def write_workdir(path: Path, config: dict[str, Any] | None = None, vocab: int =
         save_file({"tokens": torch.randint(0, vocab, (4000,), generator=g)}, str(path / f"{name}.safetensors"))
     write_byte_tokenizer(path / "byte_tokenizer")
     (path / "heldout_text.txt").write_text(word_lines(600, seed=1))
-    (path / "config.yaml").write_text(yaml.safe_dump(config or tiny_config(), sort_keys=False))
-    return path
+    return write_config(path, config or tiny_config())
 
 
 def write_byte_tokenizer(folder: Path) -> Path:
@@ -56,15 +82,30 @@ def word_lines(n: int, seed: int = 0) -> str:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``snakemake -s <repo>/Snakefile --directory workdir --cores 2 ARGS`` (the default profile applies)."""
+    """``snakemake -s <repo>/Snakefile --directory workdir --cores 2 --max-threads 1 ARGS`` (the default profile
+    applies). One thread per job: a tiny job is its Python start-up, so two jobs side by side finish sooner than
+    one job on two threads."""
     env = {**os.environ, "LOWRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
+           "--cores", "2", "--max-threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def copy_run(run: Path, dest: Path, config: dict[str, Any] | None = None) -> Path:
+    """A private copy of a finished run folder (results, logs, Snakemake's metadata; mtimes kept) to edit or
+    rerun, optionally with another config.yaml. Never change the shared ``tiny_dag`` folder itself."""
+    shutil.copytree(run, dest, symlinks=True)
+    return write_config(dest, config) if config is not None else dest
+
+
+def write_config(workdir: Path, config: dict[str, Any]) -> Path:
+    """Replace the config.yaml of a run folder."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
