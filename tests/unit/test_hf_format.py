@@ -121,18 +121,6 @@ def test_int8_rows_load_as_stored(tiny_llama, tmp_path, token_windows) -> None:
     _assert_same_function(loaded, compressed, token_windows)
 
 
-def test_stock_transformers_refuses_the_folder(tiny_llama, tmp_path) -> None:
-    folder = save_hf_folder(_factored(tiny_llama), tmp_path / "hf")
-    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
-            f"try:\n    AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
-            "except RuntimeError as e:\n    print('REFUSED', e)\n"
-            "assert 'lowrank' not in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "REFUSED" in proc.stdout
-    assert "model.layers.0.mlp.down_proj.weight" in proc.stderr  # the guard key is the one the report names
-
-
 def test_import_lowrank_is_cheap_and_registers_once_transformers_loads() -> None:
     code = ("import sys, lowrank\nassert 'torch' not in sys.modules\n"
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as Q\n"
@@ -159,12 +147,17 @@ def test_export_copies_merges_and_converts_stage_folders(tiny_llama, tmp_path, t
     with pytest.raises(FileExistsError):
         export_folder(hf, tmp_path / "copy")
     assert export_command([str(hf), str(tmp_path / "merged"), "--merged"]) == 0
+    # one interpreter without lowrank: the lowrank folder is refused (never random-initialised), the merged loads
     code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"try:\n    AutoModelForCausalLM.from_pretrained({str(hf)!r})\n"
+            "except RuntimeError as e:\n    print('REFUSED', e)\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})\n"
             "assert 'lowrank' not in sys.modules and m.config.to_dict().get('quantization_config') is None\n"
             f"torch.save(m(input_ids=torch.tensor({token_windows.tolist()})).logits, {str(tmp_path / 'l.pt')!r})\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout
+    assert "model.layers.0.mlp.down_proj.weight" in proc.stderr  # the guard key is the one the report names
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "l.pt"), compressed(input_ids=token_windows).logits,
                                    atol=1e-4, rtol=0)
