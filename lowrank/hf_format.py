@@ -39,7 +39,7 @@ from .factorized import LowRankLinear
 from .quantized_linear import QuantizedLinear
 
 __all__ = ["QUANT_METHOD", "HF_FORMAT", "LowRankQuantConfig", "LowRankHfQuantizer", "module_layouts",
-           "build_skeleton", "register", "save_hf_folder"]
+           "build_skeleton", "densify_above", "register", "save_hf_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,29 @@ def build_skeleton(model: nn.Module, layouts: dict[str, dict[str, Any]]) -> None
             else:
                 new = LowRankLinear(lay["in"], lay["out"], int(lay["rank"]), bias=lay["bias"], dtype=W.dtype)
         replace_module(model, name, new)
+
+
+def densify_above(model: nn.Module, max_kept: float) -> list[str]:
+    """Replace every ``LowRankLinear`` whose stored fraction ``ρ = k (m + n) / (m n)`` exceeds ``max_kept`` by a
+    dense ``nn.Linear`` holding ``W' = A B`` (same function, ``m n`` parameters); returns the replaced names.
+
+    Two matmuls of inner size ``k`` cost ``k (m + n)`` multiply-adds against ``m n`` for one, but each call pays a
+    second kernel launch, an intermediate activation and, for ranks that are no multiple of the SIMD width, less
+    efficient GEMM blocking; near the break-even rank ``r* = m n / (m + n)`` (``ρ`` near 1) the two matmuls are then
+    slower than one. For inference only: the model then no longer saves as the folder it was loaded from.
+    """
+    if not 0 < max_kept <= 1:
+        raise ValueError(f"max_kept must be in (0, 1], got {max_kept}; 0.9 keeps matrices with rho > 0.9 dense")
+    from .model import replace_module
+
+    done = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LowRankLinear):
+            rho = mod.rank * (mod.in_features + mod.out_features) / (mod.in_features * mod.out_features)
+            if rho > max_kept:
+                replace_module(model, name, mod.to_dense())
+                done.append(name)
+    return done
 
 
 def guard_key(layouts: dict[str, dict[str, Any]]) -> str | None:

@@ -19,7 +19,7 @@ from lowrank.checkpoint import save_compressed
 from lowrank.evaluation import model_size, perplexity
 from lowrank.export import export_command, export_folder, is_lowrank_hf
 from lowrank.factorized import LowRankLinear
-from lowrank.hf_format import QUANT_METHOD, module_layouts, save_hf_folder
+from lowrank.hf_format import QUANT_METHOD, densify_above, module_layouts, save_hf_folder
 from lowrank.io import write_json
 from lowrank.model import find_targets, linear_weight, replace_module
 from lowrank.quantized_linear import QuantizedLinear
@@ -172,3 +172,17 @@ def test_export_copies_merges_and_converts_stage_folders(tiny_llama, tmp_path, t
     _assert_same_function(AutoModelForCausalLM.from_pretrained(str(out)).eval(), compressed, token_windows)
     with pytest.raises(ValueError, match="neither a lowrank HF folder"):
         export_folder(tmp_path / "base", tmp_path / "nope")
+
+
+def test_densify_above_merges_only_matrices_past_the_threshold(tiny_llama, token_windows) -> None:
+    compressed = _factored(tiny_llama, kept=0.5)
+    reference = copy.deepcopy(compressed)
+    rho = {n: m.rank * (m.in_features + m.out_features) / (m.in_features * m.out_features)
+           for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
+    cut = sorted(rho.values())[len(rho) // 2]
+    merged = densify_above(compressed, cut)
+    assert sorted(merged) == sorted(n for n, r in rho.items() if r > cut) and 0 < len(merged) < len(rho)
+    assert all(type(compressed.get_submodule(n)) is torch.nn.Linear for n in merged)
+    _assert_same_function(compressed, reference, token_windows)
+    with pytest.raises(ValueError, match="max_kept"):
+        densify_above(compressed, 0.0)
