@@ -8,7 +8,7 @@ transformers included, the same for every row) and the bytes of its parameters a
 the committed table in bench/results/hf_folder_speed_cpu.md was produced by
 
     python bench/hf_folder_speed.py results/smollm2-135m/pretrained/hf \\
-        results/smollm2-135m/svd-llm/0.{80,60,40}/hf --threads 1 --rounds 5 > bench/results/hf_folder_speed_cpu.md
+        results/smollm2-135m/svd-llm/0.{80,60,40}/hf --threads 1 --rounds 3 > bench/results/hf_folder_speed_cpu.md
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _CHILD = """
 import json, resource, sys, torch
 import lowrank
 from transformers import AutoModelForCausalLM
-from speed_dense_vs_compressed import add_speed_options, interleaved_medians  # noqa: E402  (bench/ is on sys.path)
+from lowrank.speed import measure_generation
 torch.set_num_threads({threads})
 m = AutoModelForCausalLM.from_pretrained({folder!r}).eval()
 after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
