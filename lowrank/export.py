@@ -8,6 +8,11 @@ nothing else) require gradients, the usual set-up for fine-tuning a compressed m
 :func:`export_hf` writes a folder that plain ``AutoModelForCausalLM.from_pretrained`` loads with no ``lowrank``
 installed. A stock architecture has no low-rank layer, so each factored target is stored merged,
 ``W' = A B`` (the same function, the dense parameter count); keep the factor folder for the compact form.
+
+:func:`write_lowrank_hf` writes the compact form as a self-contained folder (:mod:`lowrank.hf_format`: factors,
+tokenizer, ``generation_config.json``, :func:`model_card`) that ``import lowrank`` + ``from_pretrained`` loads;
+:func:`export_folder` copies such a folder (or a stage folder) out of a results tree, as it is or merged, and
+:func:`export_command` is its command-line hook (``lowrank export SRC DEST [--merged] [--dtype D]``).
 """
 
 from __future__ import annotations
