@@ -18,6 +18,7 @@
 #   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
 #   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
 #   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
+#   {model}/{method}/{ratio}/hf/                       export_hf_folder (self-contained lowrank HF folder + card)
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
 
 from snakemake.utils import min_version
@@ -45,6 +46,7 @@ include: "rules/zeroshot.smk"
 include: "rules/speed.smk"
 include: "rules/report.smk"
 include: "rules/prehab.smk"
+include: "rules/export.smk"
 
 
 gpu_only_resources()  # the profile's gpu_model / cpus_per_gpu reach only the jobs that ask for a GPU
@@ -53,4 +55,5 @@ gpu_only_resources()  # the profile's gpu_model / cpus_per_gpu reach only the jo
 rule all:
     input:
         final_targets(),
+        hf_folder_targets(),
     default_target: True

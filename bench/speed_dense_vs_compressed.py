@@ -23,29 +23,41 @@ from lowrank.model import load_model
 from lowrank.speed import measure_generation
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dense_manifest")
-    ap.add_argument("compressed", nargs="+", help="stage folders (factors.safetensors + manifest.json)")
+def interleaved_medians(models: dict[str, torch.nn.Module], prefill: int, decode: int,
+                        rounds: int) -> dict[str, dict[str, float]]:
+    """Median prefill / decode tokens/s of each model over ``rounds`` rounds that alternate between the models
+    (one warm-up round each first)."""
+    for m in models.values():
+        measure_generation(m, prefill, decode, warmup=1, repeats=1)
+    rows: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            r = measure_generation(m, prefill, decode, warmup=0, repeats=1)
+            rows[name]["prefill"].append(r["prefill_tok_s"])
+            rows[name]["decode"].append(r["decode_tok_s"])
+    return {k: {s: statistics.median(v[s]) for s in v} for k, v in rows.items()}
+
+
+def add_speed_options(ap: argparse.ArgumentParser) -> None:
+    """--prefill, --decode, --rounds and --threads of the interleaved speed benches."""
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dense_manifest")
+    ap.add_argument("compressed", nargs="+", help="stage folders (factors.safetensors + manifest.json)")
+    add_speed_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {"dense": load_model(args.dense_manifest)}
     for folder in args.compressed:
         p = Path(folder)
         models[f"{p.parent.parent.name} {p.parent.name}"] = load_compressed(p)
-    for m in models.values():  # warm-up
-        measure_generation(m, args.prefill, args.decode, warmup=1, repeats=1)
-    rows: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
-    for _ in range(args.rounds):
-        for name, m in models.items():
-            r = measure_generation(m, args.prefill, args.decode, warmup=0, repeats=1)
-            rows[name]["prefill"].append(r["prefill_tok_s"])
-            rows[name]["decode"].append(r["decode_tok_s"])
-    med = {k: {s: statistics.median(v[s]) for s in v} for k, v in rows.items()}
+    med = interleaved_medians(models, args.prefill, args.decode, args.rounds)
     print(f"CPU, {args.threads} thread(s), prefill {args.prefill} tokens, decode {args.decode} tokens, median of "
           f"{args.rounds} interleaved rounds\n")
     print("| model | params (M) | prefill tok/s | × dense | decode tok/s | × dense |")

@@ -8,10 +8,16 @@ nothing else) require gradients, the usual set-up for fine-tuning a compressed m
 :func:`export_hf` writes a folder that plain ``AutoModelForCausalLM.from_pretrained`` loads with no ``lowrank``
 installed. A stock architecture has no low-rank layer, so each factored target is stored merged,
 ``W' = A B`` (the same function, the dense parameter count); keep the factor folder for the compact form.
+
+:func:`write_lowrank_hf` writes the compact form as a self-contained folder (:mod:`lowrank.hf_format`: factors,
+tokenizer, ``generation_config.json``, :func:`model_card`) that ``import lowrank`` + ``from_pretrained`` loads;
+:func:`export_folder` copies such a folder (or a stage folder) out of a results tree, as it is or merged, and
+:func:`export_command` is its command-line hook (``lowrank export SRC DEST [--merged] [--dtype D]``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +31,8 @@ from .factorized import LowRankLinear
 from .io import read_json, write_json
 from .model import load_model, load_tokenizer, weight_is_transposed
 
-__all__ = ["load_for_inference", "merge_low_rank", "export_hf"]
+__all__ = ["load_for_inference", "merge_low_rank", "export_hf", "write_lowrank_hf", "is_lowrank_hf", "export_folder",
+           "export_command", "model_card"]
 
 
 def _base_manifest(folder: Path) -> Path:
@@ -95,3 +102,161 @@ def export_hf(folder: str | os.PathLike, out_dir: str | os.PathLike, dtype: torc
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+# ---- self-contained lowrank folders (lowrank.hf_format) --------------------------------------------------------
+
+
+def write_lowrank_hf(folder: str | os.PathLike, out_dir: str | os.PathLike, card: str | None = None,
+                     provenance: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the compressed model at ``folder`` (a stage, ``final/`` or ``rehab/`` folder) as a self-contained
+    lowrank HF folder (:func:`lowrank.hf_format.save_hf_folder`): the factors, not ``A B``, plus the tokenizer
+    (when the base model has one), ``generation_config.json`` and ``card`` as ``README.md``."""
+    from .hf_format import save_hf_folder
+
+    model, tokenizer = load_for_inference(folder, dtype=dtype)
+    manifest = read_json(Path(folder) / MANIFEST)
+    info = {k: manifest[k] for k in ("method", "ratio", "stage", "recipe") if k in manifest}
+    return save_hf_folder(model, out_dir, tokenizer=tokenizer, card=card, provenance={**info, **(provenance or {})})
+
+
+def is_lowrank_hf(folder: str | os.PathLike) -> bool:
+    """True for a folder whose ``config.json`` carries ``quantization_config.quant_method == "lowrank"``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    return (read_json(path).get("quantization_config") or {}).get("quant_method") == "lowrank"
+
+
+def _merge_into_stock(model: nn.Module) -> nn.Module:
+    """A stock model of ``model``'s architecture (no quantization_config) holding ``model``'s function with every
+    factored (or int8) target merged to a dense ``W'``."""
+    from transformers import AutoModelForCausalLM
+
+    from .quantized_linear import QuantizedLinear
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype).eval()
+    replaced = {n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, QuantizedLinear))}
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in replaced)}
+    dense.load_state_dict(state, strict=False)
+    merge_low_rank(model, dense)
+    with torch.no_grad():
+        for name in replaced:
+            mod = model.get_submodule(name)
+            if isinstance(mod, QuantizedLinear):
+                target = dense.get_submodule(name)
+                W = mod.dense_weight(target.weight.dtype)
+                target.weight.copy_(W.T if weight_is_transposed(target) else W)
+                if mod.bias is not None:
+                    target.bias.copy_(mod.bias)
+    return dense
+
+
+def export_folder(src: str | os.PathLike, out_dir: str | os.PathLike, merged: bool = False,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Copy a compressed model out of a results tree into ``out_dir``, atomically.
+
+    ``src`` is a lowrank HF folder (copied as it is, or merged) or a pipeline stage folder with ``manifest.json``
+    (written as a lowrank HF folder, or merged). ``merged=True`` writes a plain folder with ``W' = A B`` at the
+    dense size, for tools that know no factors (no ``lowrank`` needed to load it).
+    """
+    src, out_dir = Path(src), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; remove it or choose another output folder")
+    if is_lowrank_hf(src):
+        if not merged:
+            tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            try:
+                shutil.copytree(src, tmp)
+                os.replace(tmp, out_dir)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+            return out_dir
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .hf_format import register
+
+        register()
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(src)) if (src / "tokenizer_config.json").is_file() else None
+        dense = _merge_into_stock(model)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            dense.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "lowrank_manifest.json", model.config.quantization_config.to_dict())
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return out_dir
+    if not (src / MANIFEST).is_file():
+        raise ValueError(f"{src} is neither a lowrank HF folder (config.json with quant_method 'lowrank') nor a "
+                         f"stage folder with {MANIFEST}; pass results/<model>/<method>/<ratio>/hf or a stage folder")
+    if merged:
+        return export_hf(src, out_dir, dtype=dtype)
+    return write_lowrank_hf(src, out_dir, dtype=dtype)
+
+
+def export_command(argv: list[str] | None = None) -> int:
+    """``lowrank export SRC DEST [--merged] [--dtype float32]``: the CLI hook of :func:`export_folder`."""
+    import argparse
+
+    from .runtime import parse_dtype
+
+    ap = argparse.ArgumentParser(prog="lowrank export", description=export_folder.__doc__.splitlines()[0])
+    ap.add_argument("src", help="results/<model>/<method>/<ratio>/hf, or a stage / final / rehab folder")
+    ap.add_argument("dest", help="output folder (must not exist)")
+    ap.add_argument("--merged", action="store_true", help="store W' = A B densely (loads without lowrank)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (loaded / merged dtype)")
+    args = ap.parse_args(argv)
+    out = export_folder(args.src, args.dest, merged=args.merged, dtype=parse_dtype(args.dtype))
+    logging.getLogger(__name__).info("wrote %s", out)
+    return 0
+
+
+def model_card(base_model: str, method: str, recipe: dict[str, Any], kept_fraction: float,
+               calibration: dict[str, Any], command: str, ppl: dict[str, Any] | None = None,
+               dense_ppl: float | None = None, architecture: str | None = None) -> str:
+    """The ``README.md`` of a lowrank folder: base model, recipe, kept fraction of the target parameters,
+    calibration text, held-out perplexity (with the dense reference) and the command that made it."""
+    import yaml
+
+    front = {"library_name": "transformers", "tags": ["lowrank", "svd", "compressed", method],
+             "base_model_relation": "quantized"}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {base_model}, {method}, kept {kept_fraction:.2f}", "",
+             f"Low-rank (SVD) compression of `{base_model}`" + (f" ({architecture})" if architecture else "")
+             + f" by the `{method}` recipe of lowrank: every factored linear is stored as "
+             "two factors `W' = A B` and runs as two matmuls.", "",
+             "| | |", "|---|---|",
+             f"| base model | `{base_model}` |",
+             f"| method | `{method}`: " + ", ".join(f"{k} `{v}`" for k, v in recipe.items()) + " |",
+             f"| kept fraction of the target parameters | {kept_fraction:.4f} |"]
+    if ppl is not None:
+        lines.append(f"| held-out perplexity | {ppl['ppl']:.4f} ({ppl.get('windows')} windows of "
+                     f"{ppl.get('seq_len')} tokens" + (f"; dense {dense_ppl:.4f}" if dense_ppl is not None else "")
+                     + ") |")
+        if "total_params" in ppl:
+            lines.append(f"| parameters | {ppl['total_params']:,} |")
+    cal = calibration.get("corpus", {})
+    lines += [f"| calibration text | {cal.get('kind', '?')}: "
+              + ", ".join(f"{k} `{v}`" for k, v in cal.items() if k != "kind")
+              + f"; {calibration.get('n_samples')} windows of {calibration.get('seq_len')} tokens, "
+              f"seed {calibration.get('seed')} |", "",
+              "## Load", "", "```python", "import lowrank  # registers quant_method 'lowrank' with transformers",
+              "from transformers import AutoModelForCausalLM", "",
+              "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")", "```", "",
+              "Without `import lowrank` loading refuses (a size mismatch on the guard key): the stock classes have "
+              "no factored layers. `lowrank export SRC DEST --merged` writes a plain dense folder instead.", "",
+              "## Made by", "", "```bash", command, "```", ""]
+    return "\n".join(lines)

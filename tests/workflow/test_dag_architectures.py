@@ -50,6 +50,7 @@ def _config() -> dict:
                        "zeroshot": {"tasks": []}, "speed": {"enabled": False}},
         "statistics": {"fisher": {"max_windows": 2}},
         "runtime": {"device": "cpu"},
+        "export": {"hf_folder": False},  # the folders are tested in tests/unit/test_hf_format.py
     }
 
 
