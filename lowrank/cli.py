@@ -199,6 +199,28 @@ def _add_compress(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespa
     return compress
 
 
+def export(args: argparse.Namespace) -> int:
+    """``lowrank export``: copy a compressed model out of results/ (see :func:`lowrank.export.export_folder`)."""
+    from .export import export_folder
+    from .runtime import parse_dtype
+
+    out = export_folder(args.src, args.dest, merged=args.merged, dtype=parse_dtype(args.dtype))
+    say(f"wrote {out}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("export", help="copy a compressed model out of results/ as a Hugging Face folder",
+                       description="Copy a lowrank HF folder (results/<model>/<method>/<ratio>/hf) or a stage "
+                                   "folder to DEST: factors as stored (loads with AutoModelForCausalLM once "
+                                   "lowrank is imported), or --merged dense weights that load without lowrank.")
+    p.add_argument("src", help="results/<model>/<method>/<ratio>/hf, or a stage / final / rehab folder")
+    p.add_argument("dest", help="output folder (must not exist)")
+    p.add_argument("--merged", action="store_true", help="store W' = A B densely (loads without lowrank)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (loaded / merged dtype)")
+    return export
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     """The ``lowrank`` parser and its sub-commands (name -> function)."""
     methods = "\n".join(f"  {name:<16} {describe(r)}" for name, r in sorted(recipes().items()))
@@ -209,7 +231,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                "example: lowrank compress ./my-hf-model --method zs-svd --ratio 0.6 --calibration text.txt\n"
                "anything after `--` goes to snakemake, e.g. lowrank compress ./m --method svd-llm -- --unlock")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = {"compress": _add_compress(sub)}
+    commands = {"compress": _add_compress(sub), "export": _add_export(sub)}
     return parser, commands
 
 

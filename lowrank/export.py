@@ -12,7 +12,7 @@ installed. A stock architecture has no low-rank layer, so each factored target i
 :func:`write_lowrank_hf` writes the compact form as a self-contained folder (:mod:`lowrank.hf_format`: factors,
 tokenizer, ``generation_config.json``, :func:`model_card`) that ``import lowrank`` + ``from_pretrained`` loads;
 :func:`export_folder` copies such a folder (or a stage folder) out of a results tree, as it is or merged, and
-:func:`export_command` is its command-line hook (``lowrank export SRC DEST [--merged] [--dtype D]``).
+``lowrank export SRC DEST [--merged] [--dtype D]`` (lowrank.cli) is its command-line hook.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .io import read_json, write_json
 from .model import load_model, load_tokenizer, weight_is_transposed
 
 __all__ = ["load_for_inference", "merge_low_rank", "export_hf", "write_lowrank_hf", "is_lowrank_hf", "export_folder",
-           "export_command", "model_card"]
+           "model_card"]
 
 
 def _base_manifest(folder: Path) -> Path:
@@ -205,23 +205,6 @@ def export_folder(src: str | os.PathLike, out_dir: str | os.PathLike, merged: bo
     if merged:
         return export_hf(src, out_dir, dtype=dtype)
     return write_lowrank_hf(src, out_dir, dtype=dtype)
-
-
-def export_command(argv: list[str] | None = None) -> int:
-    """``lowrank export SRC DEST [--merged] [--dtype float32]``: the CLI hook of :func:`export_folder`."""
-    import argparse
-
-    from .runtime import parse_dtype
-
-    ap = argparse.ArgumentParser(prog="lowrank export", description=export_folder.__doc__.splitlines()[0])
-    ap.add_argument("src", help="results/<model>/<method>/<ratio>/hf, or a stage / final / rehab folder")
-    ap.add_argument("dest", help="output folder (must not exist)")
-    ap.add_argument("--merged", action="store_true", help="store W' = A B densely (loads without lowrank)")
-    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (loaded / merged dtype)")
-    args = ap.parse_args(argv)
-    out = export_folder(args.src, args.dest, merged=args.merged, dtype=parse_dtype(args.dtype))
-    logging.getLogger(__name__).info("wrote %s", out)
-    return 0
 
 
 def model_card(base_model: str, method: str, recipe: dict[str, Any], kept_fraction: float,

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from lowrank.allocation import allocate
 from lowrank.checkpoint import save_compressed
 from lowrank.evaluation import model_size, perplexity
-from lowrank.export import export_command, export_folder, is_lowrank_hf
+from lowrank.cli import main as lowrank_main
+from lowrank.export import export_folder, is_lowrank_hf
 from lowrank.factorized import LowRankLinear
 from lowrank.hf_format import QUANT_METHOD, densify_above, module_layouts, save_hf_folder
 from lowrank.io import write_json
@@ -146,7 +147,7 @@ def test_export_copies_merges_and_converts_stage_folders(tiny_llama, tmp_path, t
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in hf.iterdir())
     with pytest.raises(FileExistsError):
         export_folder(hf, tmp_path / "copy")
-    assert export_command([str(hf), str(tmp_path / "merged"), "--merged"]) == 0
+    assert lowrank_main(["export", str(hf), str(tmp_path / "merged"), "--merged"]) == 0
     # one interpreter without lowrank: the lowrank folder is refused (never random-initialised), the merged loads
     code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
             f"try:\n    AutoModelForCausalLM.from_pretrained({str(hf)!r})\n"
