@@ -137,12 +137,15 @@ def stages_of(method):
 
 def final_compressed(wc):
     """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
-    quantize stage's final/ when the recipe asks for int8 storage, or the rehab folder when it fine-tunes its
-    factors (the two exclude each other: _check_config)."""
+    quantize stage's final/ when the recipe asks for int8 storage, the rehab folder when it fine-tunes its
+    factors, or the refine folder when it refines them block by block (the three exclude each other:
+    _check_refine_config)."""
     if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
     if rehab_steps(wc.method) > 0:
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/rehab/manifest.json"
+    if refine_mode(wc.method) != "none":
+        return f"results/{wc.model}/{wc.method}/{wc.ratio}/refine/manifest.json"
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
@@ -231,6 +234,30 @@ def source_manifest(wc):
 
 def rehab_steps(method):
     return config["methods"][method].get("rehab", {}).get("steps", 0)
+
+
+def refine_mode(method):
+    return config["methods"][method].get("refine", {}).get("mode", "none")
+
+
+def _check_refine_config():
+    """A refine section that cannot run, named with its fix."""
+    from lowrank.refine import RefineConfig
+
+    for name, m in config["methods"].items():
+        spec = m.get("refine", {})
+        if spec.get("mode", "none") == "none":
+            continue
+        RefineConfig.from_dict(spec)  # raises ValueError naming the bad value
+        if m.get("quantize", {}).get("mode", "none") != "none":
+            raise ValueError(f"method {name!r}: refine after quantize (refitting the float rows only) is not "
+                             "implemented; drop `refine` or `quantize` from the recipe")
+        if m.get("rehab", {}).get("steps", 0) > 0:
+            raise ValueError(f"method {name!r} asks for both refine and rehab, which both follow the last stage; "
+                             "keep one of them")
+
+
+_check_refine_config()
 
 
 PREHAB_METHODS = [m for m in METHODS if source_of(m) == "prehab"]
