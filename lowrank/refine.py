@@ -53,7 +53,7 @@ from .sharded import resident
 from .streaming import offload_block_inputs
 from .whitening import whitening_factor
 
-__all__ = ["REFINE_MODES", "RefineConfig", "refit_up", "refit_down", "block_groups", "refine_model",
+__all__ = ["REFINE_MODES", "RefineConfig", "check_recipe", "refit_up", "refit_down", "block_groups", "refine_model",
            "block_errors"]
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,26 @@ class RefineConfig:
         if unknown:
             raise ValueError(f"unknown refine settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+
+def check_recipe(name: str, recipe: dict[str, Any]) -> RefineConfig | None:
+    """The refine settings of recipe ``name`` (``None`` when it has no refine stage); ``ValueError`` naming the
+    recipe and the fix for bad settings or a combination that cannot run (refine after quantize: the int8 rows
+    would have to be refitted around, not implemented; refine with rehab: both follow the last stage)."""
+    spec = dict(recipe.get("refine") or {})
+    if spec.get("mode", "none") == "none":
+        return None
+    try:
+        cfg = RefineConfig.from_dict(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"method {name!r}: {e}") from None
+    if (recipe.get("quantize") or {}).get("mode", "none") != "none":
+        raise ValueError(f"method {name!r}: refine after quantize (refitting the float rows only) is not "
+                         "implemented; drop `refine` or `quantize` from the recipe")
+    if (recipe.get("rehab") or {}).get("steps", 0) > 0:
+        raise ValueError(f"method {name!r} asks for both refine and rehab, which both follow the last stage; "
+                         "keep one of them")
+    return cfg
 
 
 def _solve_right(M: torch.Tensor, P: torch.Tensor, damping: float) -> torch.Tensor:

@@ -241,20 +241,11 @@ def refine_mode(method):
 
 
 def _check_refine_config():
-    """A refine section that cannot run, named with its fix."""
-    from lowrank.refine import RefineConfig
+    """A refine section that cannot run, named with its fix (lowrank.refine.check_recipe)."""
+    from lowrank.refine import check_recipe
 
     for name, m in config["methods"].items():
-        spec = m.get("refine", {})
-        if spec.get("mode", "none") == "none":
-            continue
-        RefineConfig.from_dict(spec)  # raises ValueError naming the bad value
-        if m.get("quantize", {}).get("mode", "none") != "none":
-            raise ValueError(f"method {name!r}: refine after quantize (refitting the float rows only) is not "
-                             "implemented; drop `refine` or `quantize` from the recipe")
-        if m.get("rehab", {}).get("steps", 0) > 0:
-            raise ValueError(f"method {name!r} asks for both refine and rehab, which both follow the last stage; "
-                             "keep one of them")
+        check_recipe(name, m)
 
 
 _check_refine_config()

@@ -12,7 +12,7 @@ from lowrank.allocation import allocate
 from lowrank.calibration import collect_input_grams
 from lowrank.factorized import LowRankLinear
 from lowrank.model import find_targets, linear_weight, replace_module
-from lowrank.refine import RefineConfig, block_groups, refine_model, refit_down, refit_up
+from lowrank.refine import RefineConfig, block_groups, check_recipe, refine_model, refit_down, refit_up
 from lowrank.truncation import truncate_model
 
 
@@ -142,3 +142,15 @@ def test_block_groups_follow_the_data_flow(tiny_llama, llama_projections):
 def test_config_errors_name_the_bad_value(bad, match):
     with pytest.raises(ValueError, match=match):
         RefineConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("extra, match", [({"quantize": {"mode": "remap"}}, "quantize"),
+                                          ({"rehab": {"steps": 2}}, "rehab"),
+                                          ({"refine": {"mode": "closed_form", "lr": 0.0}}, "lr")])
+def test_recipe_combinations_that_cannot_run_are_refused(extra, match):
+    recipe = {"whitening": "input_gram", "refine": {"mode": "closed_form"}, **extra}
+    with pytest.raises(ValueError, match=match) as e:
+        check_recipe("zs-svd-refine", recipe)
+    assert "zs-svd-refine" in str(e.value)
+    assert check_recipe("x", {"refine": {"mode": "none"}}) is None
+    assert check_recipe("x", {"refine": {"mode": "adam", "steps": 5}}).steps == 5
