@@ -21,12 +21,15 @@ import time
 import torch
 import yaml
 
+from lowrank.allocation import Allocation
+from lowrank.calibration import load_stat
 from lowrank.checkpoint import load_compressed
 from lowrank.data import token_stream
 from lowrank.evaluation import perplexity
 from lowrank.io import load_tensors, read_json
-from lowrank.model import load_model, load_tokenizer
+from lowrank.model import find_targets, load_model, load_tokenizer
 from lowrank.refine import RefineConfig, refine_model
+from lowrank.truncation import truncate_model
 
 SETTINGS = {
     "A (damping 1e-4)": dict(mode="closed_form", damping=1e-4),
@@ -55,13 +58,19 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=8, help="validation windows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    ap.add_argument("--no-base", action="store_true", help="skip the unrefined row (printed by another process)")
+    ap.add_argument("--time-truncation", action="store_true", help="also time the truncation (same run)")
+    ap.add_argument("--heldout", action="store_true",
+                    help="also print the held-out ppl (results/<model>/data/evaluation.safetensors): a report "
+                         "column only, never used to choose")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load(open("config.yaml"))
     manifest = os.path.join(args.results, "pretrained", "manifest.json")
     calib = {"seed": 3, "n_samples": 64, "seq_len": 512, **cfg["calibration"]}
-    stream = token_stream(calib["corpus"], load_tokenizer(manifest))
-    val = validation_windows(stream, 512, args.val, calib)
+    val = None  # --val 0: no validation windows (no tokenisation of the training plays)
+    if args.val > 0:
+        val = validation_windows(token_stream(calib["corpus"], load_tokenizer(manifest)), 512, args.val, calib)
     windows = load_tensors(os.path.join(args.results, "data", "calibration.safetensors"))[0]["tokens"]
     dense = load_model(manifest)
     t0 = time.perf_counter()
@@ -70,15 +79,28 @@ def main() -> None:
             dense(input_ids=windows[s : s + 4], use_cache=False)
     t_fwd = time.perf_counter() - t0
     print(f"SmolLM2-135M, CPU ({args.threads} threads, contended), refine on {args.windows} x 512 calibration "
-          f"tokens, validation {val.shape[0]} x 512 tokens of the training plays outside every calibration window")
-    print(f"\ndense validation ppl {perplexity(dense, val)['ppl']:.2f}; forward over the refine windows "
-          f"{t_fwd:.1f} s\n")
-    print("| stage | setting | val ppl | mean block error before -> after | refine s | refine / forward |")
-    print("|---|---|---:|---|---:|---:|")
+          f"tokens, validation {args.val} x 512 tokens of the training plays outside every calibration window")
+    dense_val = "" if args.no_base or val is None else f"dense validation ppl {perplexity(dense, val)['ppl']:.2f}; "
+    print(f"\n{dense_val}forward over the refine windows {t_fwd:.1f} s\n")
+    # the truncation of the first stage's method (input_gram whitening) in the same run, for the time ratio
+    t_trunc = float("nan")
+    if args.time_truncation:
+        t_trunc = _time_truncation(args, cfg, dense)
+        print(f"truncation (input_gram, ranks of {args.stage[0]}) {t_trunc:.1f} s\n")
+    heldout = load_tensors(os.path.join(args.results, "data", "evaluation.safetensors"))[0]["tokens"]
+
+    def ppl(model: torch.nn.Module) -> str:
+        v = f"{perplexity(model, val)['ppl']:.2f}" if val is not None else "-"
+        return v + (f" | {perplexity(model, heldout)['ppl']:.2f}" if args.heldout else "")
+
+    print("| stage | setting | val ppl |" + (" held-out ppl |" if args.heldout else "") +
+          " mean block error before -> after | refine s | refine / forward | refine / truncation |")
+    print("|---|---|---:|" + ("---:|" if args.heldout else "") + "---|---:|---:|---:|")
     for stage in args.stage:
         base = load_compressed(stage)
         name = "/".join(stage.rstrip("/").split("/")[-3:-1])
-        print(f"| {name} | none | {perplexity(base, val)['ppl']:.2f} | | | |", flush=True)
+        if not args.no_base:
+            print(f"| {name} | none | {ppl(base)} | | | | |", flush=True)
         for key in args.settings.split(","):
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
@@ -86,8 +108,20 @@ def main() -> None:
             dt = time.perf_counter() - t0
             b = rep.blocks
             eb, ea = sum(x["error_before"] for x in b) / len(b), sum(x["error_after"] for x in b) / len(b)
-            print(f"| {name} | {key} | {perplexity(model, val)['ppl']:.2f} | {eb:.4f} -> {ea:.4f} | {dt:.0f} | "
-                  f"{dt / t_fwd:.1f} |", flush=True)
+            print(f"| {name} | {key} | {ppl(model)} | {eb:.4f} -> {ea:.4f} | {dt:.0f} | "
+                  f"{dt / t_fwd:.1f} | {dt / t_trunc:.1f} |", flush=True)
+
+
+def _time_truncation(args: argparse.Namespace, cfg: dict, dense: torch.nn.Module) -> float:
+    """Seconds of the truncation of the first stage's method (input_gram whitening) with its ranks."""
+    alloc = Allocation.from_json(read_json(os.path.join(args.stage[0], "..", "allocation.json")))
+    stats = {"input_gram": load_stat(os.path.join(args.results, "pretrained", "stats", "input_gram.safetensors"))}
+    trunc = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    truncate_model(trunc, find_targets(trunc), alloc.ranks, "input_gram", stats, cfg["whitening"]["damping"],
+                   decomposition=cfg.get("decomposition", {}).get("method", "eigh"))
+    t_trunc = time.perf_counter() - t0
+    return t_trunc
 
 
 if __name__ == "__main__":
