@@ -53,8 +53,8 @@ from .sharded import resident
 from .streaming import offload_block_inputs
 from .whitening import whitening_factor
 
-__all__ = ["REFINE_MODES", "RefineConfig", "check_recipe", "refit_up", "refit_down", "block_groups", "refine_model",
-           "block_errors"]
+__all__ = ["REFINE_MODES", "RefineConfig", "RefineReport", "check_recipe", "refit_up", "refit_down", "block_groups",
+           "refine_model", "block_errors"]
 
 log = logging.getLogger(__name__)
 
