@@ -18,6 +18,7 @@
 #   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
 #   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
 #   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
+#   {model}/{method}/{ratio}/refine/                   refine       (recipes with refine.mode; evaluation reads it)
 #   {model}/{method}/{ratio}/hf/                       export_hf_folder (self-contained lowrank HF folder + card)
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.
 
@@ -46,6 +47,7 @@ include: "rules/zeroshot.smk"
 include: "rules/speed.smk"
 include: "rules/report.smk"
 include: "rules/prehab.smk"
+include: "rules/refine.smk"
 include: "rules/export.smk"
 
 

@@ -186,12 +186,15 @@ def stages_of(method):
 
 def final_compressed(wc):
     """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
-    quantize stage's final/ when the recipe asks for int8 storage, or the rehab folder when it fine-tunes its
-    factors (the two exclude each other: _check_config)."""
+    quantize stage's final/ when the recipe asks for int8 storage, the rehab folder when it fine-tunes its
+    factors, or the refine folder when it refines them block by block (the three exclude each other:
+    _check_refine_config)."""
     if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
     if rehab_steps(wc.method) > 0:
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/rehab/manifest.json"
+    if refine_mode(wc.method) != "none":
+        return f"results/{wc.model}/{wc.method}/{wc.ratio}/refine/manifest.json"
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
@@ -388,6 +391,21 @@ def source_manifest(wc):
 
 def rehab_steps(method):
     return config["methods"][method].get("rehab", {}).get("steps", 0)
+
+
+def refine_mode(method):
+    return config["methods"][method].get("refine", {}).get("mode", "none")
+
+
+def _check_refine_config():
+    """A refine section that cannot run, named with its fix (lowrank.refine.check_recipe)."""
+    from lowrank.refine import check_recipe
+
+    for name, m in config["methods"].items():
+        check_recipe(name, m)
+
+
+_check_refine_config()
 
 
 PREHAB_METHODS = [m for m in METHODS if source_of(m) == "prehab"]

@@ -1,0 +1,342 @@
+"""Block-local refinement of a compressed model against the dense one, with the errors of earlier blocks seen.
+
+Every truncation method chooses a target's factors from statistics of the DENSE model: block ``b`` is fitted as
+if blocks ``< b`` were intact. Refinement streams both models one decoder block at a time, in model order:
+
+* the inputs ``H_c`` of block ``b`` are the outputs of the already-refined compressed blocks ``< b``;
+* the targets are the dense block's outputs ``Y_d = block_d(H_d)`` on the dense model's own inputs ``H_d``.
+
+``closed_form`` (per factored linear ``y = A B x``, ``A ∈ R^{m×r}``, ``B ∈ R^{r×n}``, dense weight ``W``).
+With ``X_d`` the target's inputs in the dense block (columns are tokens) and ``X_c`` its inputs in the compressed
+block, after the targets upstream of it in the same block are refitted (q/k/v, then o on the refitted
+attention, then gate/up, then down: the block's data-flow order, found by a hooked forward, never by names),
+``A`` is refitted with ``B`` fixed by least squares of the compressed inputs against the dense outputs:
+
+    min_A ‖W X_d − A B X_c‖²_F   ⇒   A = W C_dc Bᵀ (B C_cc Bᵀ + δ I)⁻¹,
+
+    C_dc = X_d X_cᵀ,  C_cc = X_c X_cᵀ  (n×n, summed in float64 over every batch),
+
+with ``δ = damping · tr(B C_cc Bᵀ)/r`` and the system solved by a damped Cholesky (no explicit inverse).
+Optionally ``B`` is then refitted with that ``A`` fixed (``refit_b``):
+
+    min_B ‖W X_d − A B X_c‖²_F   ⇒   B = (AᵀA + δ_A I)⁻¹ Aᵀ W C_dc (C_cc + δ_C I)⁻¹.
+
+With identical inputs (``X_c = X_d``) and ``A B = W`` the first solve returns ``A`` unchanged (up to ``δ``).
+A bias stays on ``A``'s side unchanged (the dense bias), so the fit of ``W x`` is the fit of the layer.
+
+``adam``: ``steps`` Adam steps (learning rate ``lr``) on the block-output MSE ``‖block_c(H_c) − Y_d‖²`` with
+only the block's factors trainable, one batch per step (cyclic order).
+
+Guard: the relative block-output error ``e = Σ_b ‖block_c(H_c,b) − Y_d,b‖² / Σ_b ‖Y_d,b‖²`` is measured before
+and after; a block whose error would rise keeps its previous factors. Dense (unfactored) targets never change,
+nor do ranks (so neither does the parameter budget).
+
+Memory: one block of each model on the device, the two boundary streams ``H_c``, ``H_d`` and, for the current
+block, the dense inputs of each target group (``N · Σ_groups n_g`` numbers, offloaded with the boundaries).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import _block_output, capture_block_inputs
+from .factorized import LowRankLinear
+from .grams import gram_update
+from .model import Target, find_blocks, find_targets, linear_weight
+from .runtime import progress
+from .sharded import resident
+from .streaming import offload_block_inputs
+from .whitening import whitening_factor
+
+__all__ = ["REFINE_MODES", "RefineConfig", "RefineReport", "check_recipe", "refit_up", "refit_down", "block_groups",
+           "refine_model", "block_errors"]
+
+log = logging.getLogger(__name__)
+
+REFINE_MODES = ("closed_form", "adam")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Settings of one refinement (the recipe's ``refine`` section).
+
+    ``windows``: how many calibration windows (the first ones) feed the statistics; ``batch_size``: windows per
+    block forward; ``damping``: relative ridge ``δ`` of the closed-form solves; ``refit_b``: refit ``B`` after
+    ``A``; ``steps``/``lr``: the ``adam`` mode; ``guard``: keep a block's previous factors when its output error
+    would rise.
+    """
+
+    mode: str = "closed_form"
+    windows: int = 32
+    batch_size: int = 4
+    damping: float = 1e-4
+    refit_b: bool = False
+    steps: int = 20
+    lr: float = 1e-4
+    guard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in REFINE_MODES:
+            raise ValueError(f"refine.mode must be one of {REFINE_MODES}, got {self.mode!r}")
+        if self.windows < 1 or self.batch_size < 1:
+            raise ValueError(f"refine.windows and refine.batch_size must be >= 1, got {self.windows}, "
+                             f"{self.batch_size}")
+        if not (self.damping >= 0 and self.damping == self.damping):
+            raise ValueError(f"refine.damping must be a number >= 0, got {self.damping}")
+        if self.steps < 0 or not (self.lr > 0):
+            raise ValueError(f"refine.steps must be >= 0 and refine.lr > 0, got {self.steps}, {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RefineConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown refine settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def check_recipe(name: str, recipe: dict[str, Any]) -> RefineConfig | None:
+    """The refine settings of recipe ``name`` (``None`` when it has no refine stage); ``ValueError`` naming the
+    recipe and the fix for bad settings or a combination that cannot run (refine after quantize: the int8 rows
+    would have to be refitted around, not implemented; refine with rehab: both follow the last stage)."""
+    spec = dict(recipe.get("refine") or {})
+    if spec.get("mode", "none") == "none":
+        return None
+    try:
+        cfg = RefineConfig.from_dict(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"method {name!r}: {e}") from None
+    if (recipe.get("quantize") or {}).get("mode", "none") != "none":
+        raise ValueError(f"method {name!r}: refine after quantize (refitting the float rows only) is not "
+                         "implemented; drop `refine` or `quantize` from the recipe")
+    if (recipe.get("rehab") or {}).get("steps", 0) > 0:
+        raise ValueError(f"method {name!r} asks for both refine and rehab, which both follow the last stage; "
+                         "keep one of them")
+    return cfg
+
+
+def _solve_right(M: torch.Tensor, P: torch.Tensor, damping: float) -> torch.Tensor:
+    """``M (P + δI)⁻¹`` for symmetric PSD ``P`` (float64), by a damped Cholesky ``S Sᵀ = P + δI`` and
+    ``cholesky_solve``; ``δ = damping · tr(P)/k`` (raised by :func:`lowrank.whitening.whitening_factor` when
+    ``P`` is singular)."""
+    S = whitening_factor(P, damping=damping).S
+    return torch.cholesky_solve(M.T.contiguous(), S).T
+
+
+def refit_up(W: torch.Tensor, B: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
+             damping: float = 1e-4) -> torch.Tensor:
+    """``A = W C_dc Bᵀ (B C_cc Bᵀ + δI)⁻¹`` (m×r, float64): the least-squares ``A`` of ``W X_d ≈ A B X_c``."""
+    W, B, C_dc, C_cc = (t.to(torch.float64) for t in (W, B, C_dc, C_cc))
+    return _solve_right(W @ C_dc @ B.T, B @ C_cc @ B.T, damping)
+
+
+def refit_down(W: torch.Tensor, A: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
+               damping: float = 1e-4) -> torch.Tensor:
+    """``B = (AᵀA + δ_A I)⁻¹ Aᵀ W C_dc (C_cc + δ_C I)⁻¹`` (r×n, float64): the least-squares ``B`` with ``A``
+    fixed."""
+    W, A, C_dc, C_cc = (t.to(torch.float64) for t in (W, A, C_dc, C_cc))
+    right = _solve_right(A.T @ W @ C_dc, C_cc, damping)  # Aᵀ W C_dc C_cc⁻¹   (r×n)
+    return _solve_right(right.T, A.T @ A, damping).T  # (AᵀA)⁻¹ · right  (AᵀA symmetric)
+
+
+class _Stop(Exception):
+    pass
+
+
+def block_groups(block: nn.Module, names: dict[str, nn.Module], run: Any) -> list[list[str]]:
+    """Targets of one block in data-flow order, grouped by shared input tensor.
+
+    ``names`` maps target name → module (inside ``block``); ``run()`` calls the block once. The order is the
+    order of the targets' first calls; targets called on the same tensor object (q/k/v, gate/up) form a group.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [mod.register_forward_hook(lambda _m, args, _o, n=n: order.append((n, args[0])))
+               for n, mod in names.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    for n, x in order:
+        if any(n in g for g in groups):
+            continue
+        for g, t in zip(groups, inputs):
+            if t is x:
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+            inputs.append(x)
+    return groups
+
+
+def _capture_input(block: nn.Module, module: nn.Module, call: Any) -> torch.Tensor:
+    """The input of ``module`` when ``call()`` runs ``block``, stopping the block right after it is seen."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        call()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} was not called by its block: cannot refine it")
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+@dataclass
+class RefineReport:
+    """Per block: relative output error before / after and whether the refit was kept."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def block_errors(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """``Σ_b ‖o_b − y_b‖² / Σ_b ‖y_b‖²`` (float64)."""
+    num = sum(float((o.double() - y.to(o.device).double()).pow(2).sum()) for o, y in zip(outputs, targets))
+    den = sum(float(y.double().pow(2).sum()) for y in targets)
+    return num / max(den, 1e-300)
+
+
+def _factor_state(mods: dict[str, LowRankLinear]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in mods.items()}
+
+
+def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, groups: list[list[str]],
+                       factored: dict[str, LowRankLinear], h_c: list[torch.Tensor], calls: list[Any],
+                       x_d: dict[str, list[torch.Tensor]], cfg: RefineConfig, device: torch.device) -> None:
+    for group in groups:
+        todo = [n for n in group if n in factored]
+        if not todo:
+            continue
+        first = model.get_submodule(group[0])
+        C_cc = C_dc = None
+        for b in range(len(h_c)):
+            args, kwargs = calls[b]
+            xc = _capture_input(cblk, first, lambda: cblk(h_c[b].to(device), *args, **kwargs))
+            xd = x_d[group[0]][b].to(device)
+            if C_cc is None:
+                C_cc = torch.zeros(xc.shape[1], xc.shape[1], dtype=torch.float64, device=device)
+                C_dc = torch.zeros_like(C_cc)
+            gram_update(C_cc, xc)
+            C_dc.addmm_(xd.to(torch.float64).T, xc.to(torch.float64))
+        for n in todo:
+            mod = factored[n]
+            W = linear_weight(dense.get_submodule(n)).detach().to(device)
+            A = refit_up(W, mod.down.weight.detach(), C_dc, C_cc, cfg.damping)
+            if cfg.refit_b:
+                mod.down.weight.data.copy_(refit_down(W, A, C_dc, C_cc, cfg.damping).to(mod.down.weight.dtype))
+            mod.up.weight.data.copy_(A.to(mod.up.weight.dtype))
+
+
+def _refit_adam(cblk: nn.Module, factored: dict[str, LowRankLinear], h_c: list[torch.Tensor], calls: list[Any],
+                y_d: list[torch.Tensor], cfg: RefineConfig, device: torch.device) -> None:
+    params = [p for m in factored.values() for p in (m.up.weight, m.down.weight)]
+    if not params or cfg.steps == 0:
+        return
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    try:
+        with torch.enable_grad():
+            for step in range(cfg.steps):
+                b = step % len(h_c)
+                args, kwargs = calls[b]
+                out = _block_output(cblk(h_c[b].to(device), *args, **kwargs))
+                loss = (out - y_d[b].to(device)).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+
+
+@torch.no_grad()
+def refine_model(model: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg: RefineConfig,
+                 device: torch.device | str = "cpu", targets: list[Target] | None = None) -> RefineReport:
+    """Refine every ``LowRankLinear`` of ``model`` (in place) block by block against ``dense``.
+
+    ``model`` and ``dense`` share the architecture and the stem (embeddings, rotary tables); ``windows`` is
+    ``LongTensor[B, T]`` (the first ``cfg.windows`` are used). Returns the per-block errors.
+    """
+    device = torch.device(device)
+    windows = windows[: cfg.windows]
+    targets = targets or find_targets(dense)
+    by_block: dict[int, list[str]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t.name)
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, windows, cfg.batch_size, device)
+    offload_block_inputs(inputs, device)
+    h_c = inputs.hidden
+    h_d = [h.clone() for h in h_c]
+    report = RefineReport()
+    for i in progress(range(len(blocks)), desc=f"refine ({cfg.mode})", total=len(blocks)):
+        calls = [inputs.calls[b][i] for b in range(len(h_c))]
+        with resident(dense, i, device) as dblk, resident(model, i, device) as cblk:
+            names = by_block.get(i, [])
+            factored = {n: m for n in names if isinstance(m := model.get_submodule(n), LowRankLinear)}
+            groups = block_groups(dblk, {n: dense.get_submodule(n) for n in names},
+                                  lambda: dblk(h_d[0].to(device), *calls[0][0], **calls[0][1])) if names else []
+            # the dense block: its outputs (targets and the next dense inputs), and each group's dense inputs
+            x_d: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
+            hooks = [dense.get_submodule(g[0]).register_forward_pre_hook(
+                lambda _m, args, n=g[0]: x_d[n].append(args[0].reshape(-1, args[0].shape[-1]).to(h_c[0].device)))
+                for g in groups] if factored else []
+            try:
+                y_d = [_block_output(dblk(h_d[b].to(device), *calls[b][0], **calls[b][1])).to(h_c[0].device)
+                       for b in range(len(h_d))]
+            finally:
+                for h in hooks:
+                    h.remove()
+
+            def run_compressed() -> list[torch.Tensor]:
+                return [_block_output(cblk(h_c[b].to(device), *calls[b][0], **calls[b][1])).to(h_c[0].device)
+                        for b in range(len(h_c))]
+
+            before_out = run_compressed()
+            before = block_errors(before_out, y_d)
+            after, kept = before, False
+            if factored:
+                saved = _factor_state(factored)
+                if cfg.mode == "closed_form":
+                    _refit_closed_form(cblk, dense, model, groups, factored, h_c, calls, x_d, cfg, device)
+                else:
+                    _refit_adam(cblk, factored, h_c, calls, y_d, cfg, device)
+                after_out = run_compressed()
+                after = block_errors(after_out, y_d)
+                finite = all(torch.isfinite(m.up.weight).all() and torch.isfinite(m.down.weight).all()
+                             for m in factored.values())
+                kept = finite and (after <= before or not cfg.guard)
+                if not kept:
+                    for n, m in factored.items():
+                        m.load_state_dict(saved[n])
+                    after, after_out = before, before_out
+                h_c = after_out
+            else:
+                h_c = before_out
+            h_d = y_d
+            del x_d
+        report.blocks.append({"block": i, "error_before": before, "error_after": after, "refit_kept": kept,
+                              "factored": len(factored)})
+        log.info("block %d: relative output error %.4g -> %.4g%s", i, before, after,
+                 "" if kept or not factored else " (refit rejected, previous factors kept)")
+    return report
