@@ -161,9 +161,11 @@ def compress(args: argparse.Namespace) -> int:
     if dense.is_file():  # not after --dry-run / -- --unlock
         say(f"dense: ppl {read_json(dense)['ppl']:.2f}")
         for ratio in cfg["ratios"]:
-            rec = read_json(results / args.method / f"{float(ratio):.2f}" / "eval" / "ppl.json")
+            folder = results / args.method / f"{float(ratio):.2f}"
+            rec = read_json(folder / "eval" / "ppl.json")
+            hf = folder / "hf"  # the self-contained Hugging Face folder (export.hf_folder), else the stage folder
             say(f"{args.method} kept {float(ratio):.2f}: ppl {rec['ppl']:.2f}, model in "
-                f"{out / rec['compressed_dir']}")
+                f"{hf if (hf / 'config.json').is_file() else out / rec['compressed_dir']}")
         say(f"table: {out / 'results' / 'summary' / 'table.md'}")
     return 0
 

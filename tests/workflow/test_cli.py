@@ -65,16 +65,18 @@ def test_compress_a_local_hf_folder_then_rerun_does_nothing(hf_folder: Path, tmp
     assert cfg["calibration"]["corpus"] == {"kind": "text_files", "paths": [str(tmp_path / "calib.txt")]}
     lines = proc.stdout.splitlines()
     # one progress line per job (pretrained, 2 windows, input_gram, first_order scores, allocate, truncate,
-    # 2 evaluations, summarize, all), the last one complete
+    # 2 evaluations, the Hugging Face folder, summarize, all), the last one complete
     progress = [ln for ln in lines if ln.startswith("[")]
-    assert len(progress) == 11 and progress[-1].startswith("[11/11]")
+    assert len(progress) == 12 and progress[-1].startswith("[12/12]")
+    assert any(ln.startswith("[") and "export_hf_folder (" in ln for ln in progress)
     assert any("truncate (model=my-tiny-llama, method=zs-svd, ratio=0.50)" in ln for ln in progress)
     res = out / "results" / "my-tiny-llama"
     dense = read_json(res / "pretrained/eval/ppl.json")["ppl"]
     rec = read_json(res / "zs-svd/0.50/eval/ppl.json")
     assert f"dense: ppl {dense:.2f}" in lines
-    assert f"zs-svd kept 0.50: ppl {rec['ppl']:.2f}, model in {out / 'results/my-tiny-llama/zs-svd/0.50/stage0'}" \
+    assert f"zs-svd kept 0.50: ppl {rec['ppl']:.2f}, model in {out / 'results/my-tiny-llama/zs-svd/0.50/hf'}" \
         in lines
+    assert (res / "zs-svd/0.50/hf/config.json").is_file()
     assert rec["kept_bytes_fraction"] <= 0.5 and 1 < dense < 1e4 and 1 < rec["ppl"] < 1e5
     assert (out / rec["compressed_dir"] / "factors.safetensors").is_file()
     # the same command again: Snakemake's rerun rules apply, nothing is recomputed

@@ -12,6 +12,10 @@ from wf import planned_jobs, snakemake, tiny_config, write_workdir
 
 from lowrank.io import read_json
 
+# its own tiny-DAG run (minutes): `python3 -m pytest -m slow` (.ci/run) runs it; the stage's
+# numerics are unit-tested in tests/unit/test_refine.py
+pytestmark = pytest.mark.slow
+
 REFINE = {"mode": "closed_form", "refit_b": True, "windows": 8}
 
 

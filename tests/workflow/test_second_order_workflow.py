@@ -12,6 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from wf import snakemake, tiny_config, write_workdir
 
+# its own tiny-DAG run with the output_kl statistic (minutes): `python3 -m pytest -m slow`
+# (.ci/run) runs it; the scorer itself is unit-tested in tests/unit/test_second_order.py
+pytestmark = pytest.mark.slow
+
 METHODS = {
     "zs-svd": {"whitening": "input_gram", "scorer": "first_order", "allocator": "zero_sum"},
     "zs-svd2": {"whitening": "input_gram", "scorer": "second_order", "allocator": "zero_sum",
