@@ -159,7 +159,7 @@ def test_full_config_merged_over_the_default_is_the_full_config() -> None:
 # the headline of `snakemake --cores all`: dense + svd-llm, zs-svd, zs-svd-remap at kept 0.8 / 0.6 / 0.4
 DEFAULT_JOBS = {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "evaluate_source": 1,
                 "score_components": 2, "allocate": 9, "truncate": 6, "quantize": 3, "evaluate_compressed": 9,
-                "summarize": 1}
+                "export_hf_folder": 9, "summarize": 1}
 
 
 def test_default_and_full_commands_plan_the_short_and_the_full_table(tmp_path) -> None:
@@ -171,4 +171,5 @@ def test_default_and_full_commands_plan_the_short_and_the_full_table(tmp_path) -
     jobs = planned_jobs(snakemake(wd, "-n", "--configfile", str(REPO / "config" / "full.yaml")))
     n = len(full["methods"]) * len(full["ratios"])
     assert jobs["allocate"] == jobs["evaluate_compressed"] == jobs["evaluate_zeroshot"] == jobs["measure_speed"] == n
+    assert jobs["export_hf_folder"] == n and jobs["refine"] == 3 * len(full["ratios"])
     assert jobs["prehab"] == 1 and jobs["evaluate_zeroshot_source"] == jobs["measure_speed_source"] == 1
