@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from wf import REPO, planned_jobs, snakemake, tiny_config, write_workdir
 
@@ -159,7 +159,9 @@ def test_a_gpu_job_goes_to_the_gpu_partition_with_its_gpu_model(cluster, tmp_pat
 
 def test_a_job_failing_on_a_node_leaves_the_slurm_log_in_its_rule_log(cluster, tmp_path) -> None:
     wd = write_workdir(tmp_path / "run", _config())
-    (wd / "evaluation_tokens.safetensors").write_bytes(b"not a safetensors file")  # token_windows fails on the node
+    # ids beyond the tiny vocabulary (256): the file passes the parse-time checks (an integer tensor), and the
+    # token_windows job refuses it on the node
+    save_file({"tokens": torch.full((4000,), 300, dtype=torch.long)}, str(wd / "evaluation_tokens.safetensors"))
     proc = snakemake(wd, "results/tiny-llama/data/evaluation.safetensors", *SLURM_ARGS,
                      "--slurm-partition-config", str(cluster), "--retries", "0", check=False)
     out = proc.stdout + proc.stderr
