@@ -6,7 +6,7 @@ The shared tiny DAG
 ``tests/data/tiny.yaml`` (a 256-token byte tokenizer, random token files, a held-out text file), with the recipes of
 ``wf.shared_config()``: svd, svd-llm, zs-svd (+1 projected correction), io-svd (output_kl statistic, two-sided
 whitening), zs-svd-remap and io-svd-plus (both int8 quantize modes) and prehab-svd-llm (prehab + rehab), at kept
-fractions 0.8 and 0.5, with the offline zero-shot task, speed, the summary, the prehab report. Every stage of the
+fraction 0.5, with the offline zero-shot task, speed, the summary, the prehab report. Every stage of the
 pipeline runs in it, so a test of a stage reads its artifacts instead of running a DAG of its own:
 
     def test_my_stage(tiny_dag: Path) -> None:
@@ -24,7 +24,7 @@ Rules of use:
   costs a minute or more of the 10-minute budget of ``python3 -m pytest``: put such tests behind
   ``@pytest.mark.slow`` (run by ``python3 -m pytest -m slow``, which .ci/run calls after the main command).
 
-Cost: 94 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
+Cost: 57 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
 2 idle cores. While iterating on assertions, ``LOWRANK_TINY_DAG=/some/folder python3 -m pytest tests/workflow``
 runs the DAG into that folder once and reuses it in later sessions (Snakemake brings it up to date first, so an
 edit of the code or of ``shared_config`` reruns what it changes); CI never sets it.
@@ -32,7 +32,9 @@ edit of the code or of ``shared_config`` reruns what it changes); CI never sets 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,14 +50,34 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dag(tmp_path_factory) -> Path:
-    """The folder of the session's one complete run of the shared tiny DAG (see the module docstring)."""
+def tiny_dag(tmp_path_factory, request: pytest.FixtureRequest) -> Path:
+    """The folder of the session's one complete run of the shared tiny DAG (see the module docstring).
+
+    Under pytest-xdist (the README's command runs ``-n auto``) every worker asks for it: the first one runs the DAG
+    in the session's common temporary folder while holding a lock, the others wait on the lock and then read the
+    same folder (a ``done`` mark tells them it finished; a failed run leaves no mark, so each worker retries it and
+    reports its error)."""
     reuse = os.environ.get("LOWRANK_TINY_DAG")
     if reuse and (Path(reuse) / "config.yaml").is_file():
         wd = Path(reuse)
         if yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
             write_config(wd, shared_config())
-    else:
-        wd = write_workdir(Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-dag") / "run", shared_config())
-    snakemake(wd)
+        snakemake(wd)
+        return wd
+    if reuse:
+        wd = write_workdir(Path(reuse), shared_config())
+        snakemake(wd)
+        return wd
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker: a private folder
+        wd = write_workdir(tmp_path_factory.mktemp("tiny-dag") / "run", shared_config())
+        snakemake(wd)
+        return wd
+    common = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
+    wd, done = common / "tiny-dag" / "run", common / "tiny-dag" / "done"
+    with open(common / "tiny-dag.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            shutil.rmtree(wd.parent, ignore_errors=True)
+            snakemake(write_workdir(wd, shared_config()))
+            done.write_text("ok\n")
     return wd

@@ -4,7 +4,6 @@ call recomputes nothing; the embedded model plans the same DAG."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import REPO, planned_jobs, word_lines, write_byte_tokenizer
+from wf import REPO, offline_env, planned_jobs, word_lines, write_byte_tokenizer
 
 from lowrank.io import read_json
 
@@ -21,8 +20,8 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 
 
 def lowrank(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOWRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lowrank.cli", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "lowrank.cli", *args], capture_output=True, text=True,
+                          env=offline_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"lowrank {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")

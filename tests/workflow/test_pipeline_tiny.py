@@ -20,7 +20,7 @@ from lowrank.model import find_targets, linear_weight, load_model
 
 
 METHODS = sorted(["svd", "svd-llm", "zs-svd", *SHARED_METHODS])
-N = len(METHODS) * 2  # compressed models: every recipe at kept 0.8 and 0.5
+N = len(METHODS)  # compressed models: every recipe at the shared run's one kept fraction, 0.5
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_every_artifact_exists_and_the_table_is_complete(tiny_run: Path) -> None
     table = pd.read_csv(r / "summary/table.csv")
     assert list(table.columns) == ["model", "method", "ratio", "metric", "value"]
     ppl = table[table.metric == "ppl"]
-    assert len(ppl) == 1 + N  # dense + 7 methods x 2 ratios
+    assert len(ppl) == 1 + N  # dense + 7 methods
     assert sorted(ppl.method.unique()) == sorted(["dense", *METHODS])
     kept = table[(table.metric == "kept_fraction") & (table.method != "dense")]
     for row in kept.itertuples():
@@ -84,7 +84,7 @@ def test_second_run_does_nothing(tiny_run: Path) -> None:
 
 def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: Path, tmp_path: Path) -> None:
     cfg = shared_config()
-    cfg["ratios"] = [0.8, 0.3]
+    cfg["ratios"] = [0.5, 0.3]
     wd = copy_run(tiny_run, tmp_path / "ratios", cfg)
     jobs = planned_jobs(snakemake(wd, "-n"))
     # only the new ratio's jobs (7 recipes: 5 truncations, 1 correction, 2 quantizations, 1 rehab), the summary and
@@ -136,7 +136,8 @@ def test_zero_shot_and_speed_join_the_table(tiny_run: Path) -> None:
     for metric in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "disk_bytes"):
         assert (table[table.metric == metric].value > 0).sum() == 1 + N, metric
     disk = table[table.metric == "disk_bytes"].set_index(["method", "ratio"]).value
-    assert disk[("svd-llm", 0.5)] < disk[("svd-llm", 0.8)] < disk[("dense", 1.0)]  # factors shrink with the budget
+    # half the target parameters (the embeddings stay): well under the dense file
+    assert disk[("svd-llm", 0.5)] < 0.8 * disk[("dense", 1.0)]
     assert "Zero-shot accuracy" in (r / "summary/table.md").read_text()
     assert (r / "summary/plots/accuracy_vs_ratio.png").stat().st_size > 10_000
 

@@ -10,7 +10,6 @@ file hashes.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import REPO, copy_run, planned_jobs
+from wf import REPO, copy_run, offline_env, planned_jobs
 
 WORKFLOW = ["Snakefile", "rules", "scripts", "schemas", "profiles", "report", "lowrank", "dvc.yaml",
             "pyproject.toml", ".gitignore", ".dvcignore"]
@@ -28,10 +27,8 @@ NOT_BYTE_IDENTICAL = ("speed.json", "speed.md", "table.csv", "table.md", "metric
 
 
 def _env(project: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(project), "LOWRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t"}
+    return offline_env(PYTHONPATH=str(project), HF_DATASETS_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t",
+                       GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 
 
 def run(project: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ PREHAB = {"steps": 3, "lambda0": 0.1, "lambda_max": 1.0, "warmup_steps": 2, "lr"
 
 def shared_config() -> dict[str, Any]:
     """The config of the shared tiny DAG (tests/workflow/conftest.py's ``tiny_dag``): tiny.yaml plus
-    SHARED_METHODS at tiny.yaml's kept fractions 0.8 and 0.5, with small output_kl and prehab settings."""
+    SHARED_METHODS at one kept fraction, 0.5 (every stage runs once per recipe; a second ratio would double the
+    per-ratio jobs and test nothing new), with small output_kl and prehab settings."""
     cfg = tiny_config()
+    cfg["ratios"] = [0.5]
     cfg["methods"].update(copy.deepcopy(SHARED_METHODS))  # a fresh dict: tests edit their config
     cfg["statistics"] = {"output_kl": {"top_k": 5, "max_windows": 4}}
     cfg["prehab"] = dict(PREHAB)
@@ -81,11 +84,39 @@ def word_lines(n: int, seed: int = 0) -> str:
     return "\n".join(" ".join(r.choice(words) for _ in range(r.randint(4, 12))) for _ in range(n)) + "\n"
 
 
+def offline_env(slurm: bool = False, **extra: str) -> dict[str, str]:
+    """The environment of a Snakemake / ``lowrank`` call in the tests: offline, no progress bars and, unless
+    ``slurm``, a PATH whose ``scontrol`` fails at once.
+
+    Why the last: Snakemake imports every installed executor plugin when it starts, and the SLURM plugin then runs
+    ``scontrol show config`` (10 s timeout) to read MinJobAge. On a machine with SLURM's client but no controller
+    answering (e.g. after ``tools/local-slurm.sh stop``) every Snakemake call waits 9 s for it. Only
+    tests/workflow/test_slurm.py talks to SLURM; the other tests never need the answer."""
+    env = {**os.environ, "LOWRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    if not slurm and shutil.which("scontrol") is not None:
+        env["PATH"] = f"{_no_scontrol_dir()}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _no_scontrol_dir() -> Path:
+    folder = Path(tempfile.gettempdir()) / f"lowrank-tests-no-scontrol-{os.getuid()}"
+    shim = folder / "scontrol"
+    if not shim.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".scontrol.{os.getpid()}"
+        tmp.write_text("#!/bin/sh\necho 'scontrol: disabled in the lowrank tests (see tests/workflow/wf.py)' >&2\n"
+                       "exit 1\n")
+        tmp.chmod(0o755)
+        tmp.replace(shim)
+    return folder
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``snakemake -s <repo>/Snakefile --directory workdir --cores 2 --max-threads 1 ARGS`` (the default profile
     applies). One thread per job: a tiny job is its Python start-up, so two jobs side by side finish sooner than
-    one job on two threads."""
-    env = {**os.environ, "LOWRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    one job on two threads. A call with the SLURM profile or executor keeps the real ``scontrol``."""
+    slurm = any("slurm" in a for a in args)
+    env = offline_env(slurm=slurm)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--max-threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
