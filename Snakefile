@@ -6,6 +6,7 @@
 #   {model}/{source}/stats/{stat}.safetensors          calibration_stats (shared by every method and ratio)
 #   {model}/{source}/scores/{whitening}/{scorer}.safetensors   score_components (ratio-independent)
 #   {model}/{source}/eval/ppl.json                     evaluate_source (the dense reference)
+#   {model}/{source}/decomposition/{whitening}.safetensors   decompose (temporary: thin SVDs every truncation cuts)
 #   {model}/{method}/{ratio}/allocation.json           allocate     (first rule with {ratio}; ratio = kept fraction)
 #   {model}/{method}/{ratio}/stage0/                   truncate     (factors.safetensors + manifest.json)
 #   {model}/{method}/{ratio}/stage{s}/                 correct      (projected correction s of S; S from the recipe)

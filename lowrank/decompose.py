@@ -26,11 +26,16 @@ the same vectors for distinct singular values.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-__all__ = ["METHODS", "RCOND", "ThinSVD", "thin_svd", "thin_svd_many", "singular_values"]
+from .io import load_tensors, save_tensors
+
+__all__ = ["METHODS", "RCOND", "ThinSVD", "thin_svd", "thin_svd_many", "singular_values", "save_decompositions",
+           "StoredDecompositions"]
 
 METHODS = ("svd", "eigh", "eigh32")
 RCOND = 1e-7
@@ -137,3 +142,40 @@ def singular_values(B: torch.Tensor, method: Method | str = "svd", dtype: torch.
     K = 0.5 * (K + K.transpose(-1, -2))
     lam = torch.linalg.eigvalsh(K.to(torch.float32)).to(K.dtype) if method == "eigh32" else torch.linalg.eigvalsh(K)
     return lam.flip(-1).clamp_min(0).sqrt()
+
+
+def save_decompositions(path: str | os.PathLike, svds: Mapping[str, ThinSVD], metadata: dict[str, Any]) -> None:
+    """Store ``{target: ThinSVD}`` as ``U.<target>``, ``S.<target>``, ``Vh.<target>`` (float64, atomically,
+    finite-checked) with ``metadata`` (the space, the method, the damping)."""
+    from .io import save_tensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, svd in svds.items():
+        for key, x in zip(("U", "S", "Vh"), svd):
+            tensors[f"{key}.{name}"] = x.to(torch.float64)
+    save_tensors(path, tensors, dict(metadata, targets=sorted(svds)))
+
+
+class StoredDecompositions(Mapping):
+    """A read-only ``{target: ThinSVD}`` view of a file written by :func:`save_decompositions`; each target's
+    matrices are read when asked for (one block's worth in memory at a time), float64 on the CPU."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        _, self.metadata = load_tensors(self.path, keys=[])
+        self._names = list(self.metadata.get("targets", []))
+
+    def __getitem__(self, name: str) -> ThinSVD:
+        if name not in self._names:
+            raise KeyError(name)
+        t, _ = load_tensors(self.path, keys=[f"U.{name}", f"S.{name}", f"Vh.{name}"])
+        return ThinSVD(t[f"U.{name}"], t[f"S.{name}"], t[f"Vh.{name}"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

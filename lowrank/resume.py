@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .decompose import ThinSVD
 from .factorized import LowRankLinear
 from .io import load_tensors, save_tensors
 from .model import Target, swap_in_low_rank
@@ -62,8 +64,11 @@ def _load_part(model: nn.Module, path: Path, fingerprint: str) -> dict[str, dict
 def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, int | None], whitening: str,
                     stats: dict[str, Any] | None, damping: float, device: torch.device | str,
                     parts: str | os.PathLike, key: dict[str, Any] | None = None, decomposition: str = "svd",
-                    stop_after: int | None = None) -> dict[str, dict[str, Any]]:
+                    stop_after: int | None = None, svds: Mapping[str, ThinSVD] | None = None
+                    ) -> dict[str, dict[str, Any]]:
     """:func:`lowrank.truncation.truncate_model` one block at a time, each block's factors saved to ``parts``.
+    ``svds``: the targets' stored thin SVDs (:class:`lowrank.decompose.StoredDecompositions`), read block by
+    block; without it each block decomposes its targets.
 
     Blocks whose part file exists with a matching fingerprint are loaded, not recomputed. ``stop_after=k``
     raises ``RuntimeError`` after block ``k`` is saved (for tests of resumption: a simulated crash). Returns the
@@ -83,7 +88,8 @@ def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, in
         got = _load_part(model, path, fp) if path.exists() else None
         if got is None:
             with resident(model, i, device) as _block:
-                got = truncate_model(model, tl, ranks, whitening, stats, damping, device, decomposition)
+                mine = None if svds is None else {t.name: svds[t.name] for t in tl if t.name in svds}
+                got = truncate_model(model, tl, ranks, whitening, stats, damping, device, decomposition, mine)
                 tensors = {}
                 for t in tl:
                     mod = model.get_submodule(t.name)

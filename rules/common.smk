@@ -389,6 +389,20 @@ def source_manifest(wc):
     return f"results/{wc.model}/{source_of(wc.method)}/manifest.json"
 
 
+def shares_decomposition(model):
+    """decomposition.share: true / false, or auto = models below GPU_MIN_SIZE_B (CPU-sized: decomposing a weight
+    costs a CPU far more than reading it back, and the float64 file stays small)."""
+    share = config["decomposition"]["share"]
+    return config["models"][model]["size_b"] < GPU_MIN_SIZE_B if share == "auto" else bool(share)
+
+
+def shared_decomposition(wc):
+    """The stored thin SVDs a truncation / quantize job cuts its ranks from (rule decompose), or none."""
+    if not shares_decomposition(wc.model):
+        return []
+    return f"results/{wc.model}/{source_of(wc.method)}/decomposition/{method_spec(wc)['whitening']}.safetensors"
+
+
 def rehab_steps(method):
     return config["methods"][method].get("rehab", {}).get("steps", 0)
 

@@ -26,6 +26,7 @@ rule quantize:
         manifest=source_manifest,
         scores=scores_for,
         windows="results/{model}/data/calibration.safetensors",
+        svd=shared_decomposition,
     output:
         factors="results/{model}/{method}/{ratio}/final/model.safetensors",
         manifest="results/{model}/{method}/{ratio}/final/manifest.json",
@@ -35,8 +36,9 @@ rule quantize:
         damping=config["whitening"]["damping"],
         ratio=ratio_value,
         runtime=runtime_spec,
-        core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces", "whitening",
-                              "output_metric", "checkpoint", "calibration", "model", "factorized", "accounting"),
+        core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces",
+                              "whitening", "output_metric", "checkpoint", "calibration", "model", "factorized",
+                              "accounting", "decompose"),
     log:
         "logs/quantize/{model}/{method}/{ratio}.log",
     benchmark:

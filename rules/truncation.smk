@@ -1,9 +1,40 @@
+rule decompose:
+    """The thin SVD of every target's weight in one space (U, sigma, V^T of T^T W S, float64), read by every
+    truncation and quantize job of that model, source and space; temporary: removed once they are all done."""
+    input:
+        unpack(lambda wc: whitening_stats(wc.whitening, wc.model, wc.source)),
+        manifest="results/{model}/{source}/manifest.json",
+    output:
+        temp("results/{model}/{source}/decomposition/{whitening}.safetensors"),
+    params:
+        damping=config["whitening"]["damping"],
+        decomposition=config["decomposition"]["method"],
+        runtime=runtime_spec,
+        core=core_fingerprint("truncation", "decompose", "spaces", "whitening", "calibration", "output_metric",
+                              "model", "sharded", "io"),
+    wildcard_constraints:
+        whitening="|".join(SPACES),
+    log:
+        "logs/decompose/{model}/{source}/{whitening}.log",
+    benchmark:
+        "benchmarks/decompose/{model}/{source}/{whitening}.tsv"
+    threads: 8
+    resources:
+        mem_mb=mem_mb_streamed_for,
+        runtime=runtime_min_for,
+        gpu=gpus_for,
+        gpu_mem_mb=gpu_mem_mb_for,
+    script:
+        "../scripts/decompose.py"
+
+
 rule truncate:
     """Low-rank factors of every allocated target in the method's whitening space (stage 0)."""
     input:
         unpack(stats_for_method),
         manifest=source_manifest,
         allocation="results/{model}/{method}/{ratio}/allocation.json",
+        svd=shared_decomposition,
     output:
         factors="results/{model}/{method}/{ratio}/stage0/factors.safetensors",
         manifest="results/{model}/{method}/{ratio}/stage0/manifest.json",

@@ -5,6 +5,7 @@ from pathlib import Path
 from _adapter import load_stats, stage
 
 from lowrank.checkpoint import save_quantized
+from lowrank.decompose import StoredDecompositions
 from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors
 from lowrank.model import find_targets, load_model
@@ -26,7 +27,8 @@ def run(smk) -> None:
             model, targets, q["mode"], ratio, scores,
             lambda n: (input_factor(space, n, stats, damping, st.device), output_factor(space, n, stats, st.device)),
             method["allocator"], method["min_rank_fraction"],
-            lambda m: calibration_gradients(m, windows, q["gradient_batch_size"], st.device, targets), st.device)
+            lambda m: calibration_gradients(m, windows, q["gradient_batch_size"], st.device, targets), st.device,
+            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
                     q["mode"], res.accounted_bytes, res.budget_bytes, frac,

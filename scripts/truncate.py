@@ -8,6 +8,7 @@ from _adapter import load_stats, stage
 
 from lowrank.allocation import Allocation
 from lowrank.checkpoint import save_compressed
+from lowrank.decompose import StoredDecompositions
 from lowrank.io import config_hash, read_json
 from lowrank.model import find_targets
 from lowrank.resume import truncate_blocks
@@ -23,9 +24,11 @@ def run(smk) -> None:
         # one factor file per block under parts/: a rerun after a crash loads the finished blocks
         parts = Path(smk.output.manifest).parent / "parts"
         inputs = {k: [os.path.getsize(v), os.stat(v).st_mtime_ns] for k, v in smk.input.items()}
+        # the thin SVDs the decompose job stored (decomposition.share), else each block decomposes its targets
+        svds = StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None
         report = truncate_blocks(model, find_targets(model), alloc.ranks, method["whitening"], stats,
                                  smk.params.damping, st.device, parts, key={"inputs": inputs, "dtype": str(st.dtype)},
-                                 decomposition=getattr(smk.params, "decomposition", "svd"))
+                                 decomposition=getattr(smk.params, "decomposition", "svd"), svds=svds)
         methods = getattr(stats.get("input_gram"), "factor_methods", {})
         fallbacks = {g: m for g, m in methods.items() if m != "cholesky"}
         st.log.info("%d targets factored; whitening fallbacks: %s", sum(r["rank"] is not None for r in

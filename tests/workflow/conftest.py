@@ -24,7 +24,7 @@ Rules of use:
   costs a minute or more of the 10-minute budget of ``python3 -m pytest``: put such tests behind
   ``@pytest.mark.slow`` (run by ``python3 -m pytest -m slow``, which .ci/run calls after the main command).
 
-Cost: 57 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
+Cost: 61 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
 2 idle cores. While iterating on assertions, ``LOWRANK_TINY_DAG=/some/folder python3 -m pytest tests/workflow``
 runs the DAG into that folder once and reuses it in later sessions (Snakemake brings it up to date first, so an
 edit of the code or of ``shared_config`` reruns what it changes); CI never sets it.

@@ -1,0 +1,25 @@
+"""Rule decompose: the thin SVD of every target's whitened weight, once per model, source and space (temporary)."""
+
+from _adapter import load_stats, stage
+
+from lowrank.decompose import save_decompositions
+from lowrank.model import find_targets
+from lowrank.sharded import for_each_block, lazy_from_env, load_model_streaming
+from lowrank.truncation import decompose_targets
+
+
+def run(smk) -> None:
+    with stage(smk) as st:
+        whitening, damping, method = smk.wildcards.whitening, smk.params.damping, smk.params.decomposition
+        model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env())
+        stats = load_stats(smk)
+        svds = {}
+        for part in for_each_block(model, find_targets(model), st.device, lambda i, tl: decompose_targets(
+                model, tl, whitening, stats, damping, st.device, method)).values():
+            svds.update(part)
+        st.log.info("%d targets decomposed in the %s space (%s)", len(svds), whitening, method)
+        save_decompositions(smk.output[0], svds, {"whitening": whitening, "damping": damping, "method": method})
+
+
+if "snakemake" in globals():
+    run(snakemake)
