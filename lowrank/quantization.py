@@ -281,7 +281,8 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
                    factor_of: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]],
                    rule: str = "zero_sum", min_rank_fraction: float = 0.0,
                    gradients_of: Callable[[Any], Any] | None = None,
-                   device: torch.device | str = "cpu", svds: Mapping[str, Any] | None = None) -> QuantizeResult:
+                   device: torch.device | str = "cpu", svds: Mapping[str, Any] | None = None,
+                   decomposition: str = "svd") -> QuantizeResult:
     """Allocate ranks under the byte budget, truncate, choose int8 rows, swap in ``QuantizedLinear`` (in place).
 
     ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
@@ -289,7 +290,7 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
     the budget cannot be met (the ``ValueError`` comes before any change). ``svds``: the targets' thin SVDs in
     that space computed before (:class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
-    """
+    ``decomposition``: how a target missing from ``svds`` is decomposed (:func:`lowrank.decompose.thin_svd`)."""
     from .model import linear_bias, linear_weight, replace_module
     from .quantized_linear import QuantizedLinear
     from .truncation import truncate
@@ -309,7 +310,8 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
             mats[t.name] = {"weight": W.to(torch.float32).cpu()}
             continue
         S, T = factor_of(t.name)
-        f = truncate(W.to(device), k, S, T, svd=svds[t.name] if svds is not None and t.name in svds else None)
+        f = truncate(W.to(device), k, S, T, method=decomposition,
+                     svd=svds[t.name] if svds is not None and t.name in svds else None)
         mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
     diagnostics: dict[str, Any] = {"ranks": ranks}
     if mode == "loss_aware":

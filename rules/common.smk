@@ -397,10 +397,16 @@ def shares_decomposition(model):
 
 
 def shared_decomposition(wc):
-    """The stored thin SVDs a truncation / quantize job cuts its ranks from (rule decompose), or none."""
+    """The stored thin SVDs a truncation / quantize job cuts its ranks from (rule decompose), or none.
+
+    ancient: the file is temporary, so a later run that needs it again (a new ratio, an edited recipe) remakes it,
+    and its new timestamp must not make every finished truncation of that space look outdated. Whatever changes
+    the decomposition (the statistics, the source model, damping, decomposition.method, the code) is an input,
+    param or code fingerprint of the truncation and quantize rules themselves, so they still rerun on it."""
     if not shares_decomposition(wc.model):
         return []
-    return f"results/{wc.model}/{source_of(wc.method)}/decomposition/{method_spec(wc)['whitening']}.safetensors"
+    return ancient(f"results/{wc.model}/{source_of(wc.method)}/decomposition/"
+                   f"{method_spec(wc)['whitening']}.safetensors")
 
 
 def rehab_steps(method):

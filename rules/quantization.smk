@@ -34,6 +34,7 @@ rule quantize:
         method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "scorer", "allocator", "min_rank_fraction",
                                                            "quantize")},
         damping=config["whitening"]["damping"],
+        decomposition=config["decomposition"]["method"],
         ratio=ratio_value,
         runtime=runtime_spec,
         core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces",

@@ -28,7 +28,7 @@ def run(smk) -> None:
             lambda n: (input_factor(space, n, stats, damping, st.device), output_factor(space, n, stats, st.device)),
             method["allocator"], method["min_rank_fraction"],
             lambda m: calibration_gradients(m, windows, q["gradient_batch_size"], st.device, targets), st.device,
-            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None)
+            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None, smk.params.decomposition)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
                     q["mode"], res.accounted_bytes, res.budget_bytes, frac,

@@ -63,10 +63,10 @@ def test_compress_a_local_hf_folder_then_rerun_does_nothing(hf_folder: Path, tmp
     assert list(cfg["methods"]) == ["zs-svd"] and cfg["ratios"] == [0.5]
     assert cfg["calibration"]["corpus"] == {"kind": "text_files", "paths": [str(tmp_path / "calib.txt")]}
     lines = proc.stdout.splitlines()
-    # one progress line per job (pretrained, 2 windows, input_gram, first_order scores, allocate, truncate,
-    # 2 evaluations, the Hugging Face folder, summarize, all), the last one complete
+    # one progress line per job (pretrained, 2 windows, input_gram, first_order scores, the decomposition, allocate,
+    # truncate, 2 evaluations, the Hugging Face folder, summarize, all), the last one complete
     progress = [ln for ln in lines if ln.startswith("[")]
-    assert len(progress) == 12 and progress[-1].startswith("[12/12]")
+    assert len(progress) == 13 and progress[-1].startswith("[13/13]")
     assert any(ln.startswith("[") and "export_hf_folder (" in ln for ln in progress)
     assert any("truncate (model=my-tiny-llama, method=zs-svd, ratio=0.50)" in ln for ln in progress)
     res = out / "results" / "my-tiny-llama"

@@ -124,9 +124,10 @@ def test_reserved_method_name_is_rejected(tmp_path) -> None:
 def test_dry_run_plans_one_statistics_job_for_all_methods_and_ratios(workdir) -> None:
     jobs = planned_jobs(snakemake(workdir, "-n"))
     # 3 methods x 2 ratios share one input-gram job and one token-window job per split; scores are per
-    # (whitening, scorer): none/sigma, input_gram/sigma, input_gram/first_order; zs-svd adds one correction stage
+    # (whitening, scorer): none/sigma, input_gram/sigma, input_gram/first_order; one stored decomposition per
+    # space (none, input_gram) that all six truncations cut from; zs-svd adds one correction stage
     assert jobs == {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "score_components": 3,
-                    "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
+                    "decompose": 2, "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
                     "summarize": 1,
                     # one offline zero-shot task shared by all; zero-shot and speed per model (dense + 6)
                     "next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 6,
@@ -140,6 +141,11 @@ def test_sensitivity_allocator_plans_its_statistics(workdir) -> None:
     jobs = planned_jobs(snakemake(workdir, "-n"))
     # act_scale for the space, asvd_sensitivity for the allocator
     assert jobs["calibration_stats"] == 2 and jobs["allocate"] == 2 and jobs["truncate"] == 2
+    assert jobs["decompose"] == 1  # both ratios cut from one decomposition
+    cfg["decomposition"] = {"share": False}  # each truncation decomposes the weights itself
+    write_workdir(workdir, cfg)
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert "decompose" not in jobs and jobs["truncate"] == 2
 
 
 def test_full_config_merged_over_the_default_is_the_full_config() -> None:
@@ -158,7 +164,8 @@ def test_full_config_merged_over_the_default_is_the_full_config() -> None:
 
 # the headline of `snakemake --cores all`: dense + svd-llm, zs-svd, zs-svd-remap at kept 0.8 / 0.6 / 0.4
 DEFAULT_JOBS = {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "evaluate_source": 1,
-                "score_components": 2, "allocate": 9, "truncate": 6, "quantize": 3, "evaluate_compressed": 9,
+                "score_components": 2, "decompose": 1, "allocate": 9, "truncate": 6, "quantize": 3,
+                "evaluate_compressed": 9,
                 "export_hf_folder": 9, "summarize": 1}
 
 
