@@ -144,21 +144,24 @@ def singular_values(B: torch.Tensor, method: Method | str = "svd", dtype: torch.
     return lam.flip(-1).clamp_min(0).sqrt()
 
 
-def save_decompositions(path: str | os.PathLike, svds: Mapping[str, ThinSVD], metadata: dict[str, Any]) -> None:
-    """Store ``{target: ThinSVD}`` as ``U.<target>``, ``S.<target>``, ``Vh.<target>`` (float64, atomically,
-    finite-checked) with ``metadata`` (the space, the method, the damping)."""
-    from .io import save_tensors
+def save_decompositions(path: str | os.PathLike, svds: Mapping[str, ThinSVD], metadata: dict[str, Any],
+                        dtype: torch.dtype = torch.float32) -> None:
+    """Store ``{target: ThinSVD}`` as ``U.<target>``, ``Vh.<target>`` (in ``dtype``: float32 by default) and
+    ``S.<target>`` (float64), atomically and finite-checked, with ``metadata`` (the space, the method, the damping).
 
+    The pipeline stores the UNWHITENED directions (``P_out = T^{-T} U``, ``P_inᵀ = Vᵀ S⁻¹``,
+    :func:`lowrank.truncation.unwhitened_directions`): factors cut from them are a slice and a scaling, so float32
+    storage costs the factors one float32 rounding, the precision they are stored in anyway (whitened vectors
+    would be multiplied by ``S⁻¹`` after rounding, amplifying it by ``S``'s condition number)."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, svd in svds.items():
-        for key, x in zip(("U", "S", "Vh"), svd):
-            tensors[f"{key}.{name}"] = x.to(torch.float64)
+    for name, (U, S, Vh) in svds.items():
+        tensors[f"U.{name}"], tensors[f"S.{name}"], tensors[f"Vh.{name}"] = U.to(dtype), S.double(), Vh.to(dtype)
     save_tensors(path, tensors, dict(metadata, targets=sorted(svds)))
 
 
 class StoredDecompositions(Mapping):
     """A read-only ``{target: ThinSVD}`` view of a file written by :func:`save_decompositions`; each target's
-    matrices are read when asked for (one block's worth in memory at a time), float64 on the CPU."""
+    matrices are read when asked for (one block's worth in memory at a time), as stored, on the CPU."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)

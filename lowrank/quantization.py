@@ -288,8 +288,9 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
     ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
     returns calibration gradients (:class:`lowrank.gradients.TargetGradients`) of the model as it is when
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
-    the budget cannot be met (the ``ValueError`` comes before any change). ``svds``: the targets' thin SVDs in
-    that space computed before (:class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
+    the budget cannot be met (the ``ValueError`` comes before any change). ``svds``: the targets' unwhitened
+    component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`, stored:
+    :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
     ``decomposition``: how a target missing from ``svds`` is decomposed (:func:`lowrank.decompose.thin_svd`)."""
     from .model import linear_bias, linear_weight, replace_module
     from .quantized_linear import QuantizedLinear
@@ -309,9 +310,11 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         if k is None:
             mats[t.name] = {"weight": W.to(torch.float32).cpu()}
             continue
-        S, T = factor_of(t.name)
-        f = truncate(W.to(device), k, S, T, method=decomposition,
-                     svd=svds[t.name] if svds is not None and t.name in svds else None)
+        if svds is not None and t.name in svds:  # stored directions: no whitening factor needed
+            f = truncate(W.to(device), k, directions=svds[t.name])
+        else:
+            S, T = factor_of(t.name)
+            f = truncate(W.to(device), k, S, T, method=decomposition)
         mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
     diagnostics: dict[str, Any] = {"ranks": ranks}
     if mode == "loss_aware":

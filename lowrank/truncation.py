@@ -11,8 +11,9 @@ Two-sided (IO-SVD): with ``T Tᵀ`` the damped output metric, ``Tᵀ W S = U Σ 
 ``B = Σ_k^{1/2} V_kᵀ S⁻¹`` (two triangular solves); ``‖Tᵀ (W − A B) S‖²_F = Σ_{i>k} σ_i²``.
 
 The thin SVD of ``Tᵀ W S`` does not depend on ``k``: :func:`decompose_targets` computes it once per model and
-space (the pipeline stores it, :mod:`lowrank.decompose`'s ``save_decompositions``) and :func:`factors_from_svd`
-cuts any rank from it, so truncation at several budgets and the quantize stage never decompose a weight again.
+space, in the weight's own coordinates (``W = P_out Σ P_inᵀ``, :func:`unwhitened_directions`; the pipeline stores
+it, :mod:`lowrank.decompose`'s ``save_decompositions``), and :func:`factors_from_directions` cuts any rank from it
+by a slice and a scaling, so truncation at several budgets and the quantize stage never decompose a weight again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .runtime import progress
 from .spaces import SPACES, input_factor, output_factor
 from .whitening import unwhiten_left, unwhiten_right, whiten, whiten_left
 
-__all__ = ["Factors", "whitened_svd", "factors_from_svd", "truncate", "truncate_model", "decompose_targets"]
+__all__ = ["Factors", "whitened_svd", "unwhitened_directions", "factors_from_directions", "truncate", "truncate_model",
+           "decompose_targets"]
 
 
 @dataclass
@@ -63,39 +65,52 @@ def whitened_svd(W: torch.Tensor, S: torch.Tensor | None = None, T: torch.Tensor
     return thin_svd(B_w, method)
 
 
-def factors_from_svd(svd: ThinSVD, k: int, S: torch.Tensor | None = None, T: torch.Tensor | None = None
-                     ) -> Factors:
-    """Rank-``k`` factors from the thin SVD of ``Tᵀ W S``: ``A = T^{-T} U_k Σ_k^{1/2}``,
-    ``B = Σ_k^{1/2} V_kᵀ S⁻¹`` (float64; the solves are skipped for an absent ``S`` / ``T``)."""
+def unwhitened_directions(svd: ThinSVD, S: torch.Tensor | None = None, T: torch.Tensor | None = None,
+                          k: int | None = None) -> ThinSVD:
+    """The first ``k`` (default all) components of ``Tᵀ W S = U Σ Vᵀ`` in the weight's own coordinates:
+    ``(P_out, σ, P_inᵀ)`` with ``P_out = T^{-T} U`` (m×k) and ``P_inᵀ = Vᵀ S⁻¹`` (k×n), so that
+    ``W = P_out Σ P_inᵀ`` at full rank (triangular solves, float64; no solve for an absent ``S`` / ``T``)."""
     U, sigma, Vh = (x.to(torch.float64) for x in svd)
-    if not (1 <= k <= sigma.numel()):
-        raise ValueError(f"rank must be in [1, {sigma.numel()}] for a {U.shape[0]}x{Vh.shape[1]} matrix, got {k}")
-    root = sigma[:k].sqrt()
-    A = U[:, :k] * root  # [m, k]
-    Bk = root[:, None] * Vh[:k]  # [k, n]
+    k = sigma.numel() if k is None else k
+    P_out, P_in_t = U[:, :k], Vh[:k]
     if S is not None:
-        Bk = unwhiten_right(Bk, S.to(Bk.device, torch.float64))  # Σ_k^{1/2} V_kᵀ S⁻¹
+        P_in_t = unwhiten_right(P_in_t, S.to(P_in_t.device, torch.float64))
     if T is not None:
-        A = unwhiten_left(A, T.to(A.device, torch.float64))  # T^{-T} U_k Σ_k^{1/2}
-    return Factors(A=A, B=Bk, sigma=sigma)
+        P_out = unwhiten_left(P_out, T.to(P_out.device, torch.float64))
+    return ThinSVD(P_out, sigma, P_in_t)
+
+
+def factors_from_directions(directions: ThinSVD, k: int) -> Factors:
+    """Rank-``k`` factors ``A = P_out,k Σ_k^{1/2}``, ``B = Σ_k^{1/2} P_in,kᵀ`` (float64) from the unwhitened
+    directions of :func:`unwhitened_directions`; ``sigma`` of the result is the full spectrum."""
+    P_out, sigma, P_in_t = directions
+    sigma = sigma.to(torch.float64)
+    if not (1 <= k <= min(P_out.shape[1], P_in_t.shape[0])):
+        raise ValueError(f"rank must be in [1, {min(P_out.shape[1], P_in_t.shape[0])}] for a "
+                         f"{P_out.shape[0]}x{P_in_t.shape[1]} matrix with these directions, got {k}")
+    root = sigma[:k].sqrt()
+    return Factors(A=P_out[:, :k].to(torch.float64) * root, B=root[:, None] * P_in_t[:k].to(torch.float64),
+                   sigma=sigma)
 
 
 def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, T: torch.Tensor | None = None,
-             method: str = "svd", svd: ThinSVD | None = None) -> Factors:
+             method: str = "svd", directions: ThinSVD | None = None) -> Factors:
     """Rank-``k`` factors of ``W`` (m×n), in float64; whitened by lower-triangular ``S`` (input side) and ``T``
     (output side, ``B = Tᵀ W S``) when given.
 
-    ``method``: how ``B`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``). ``svd``: the
-    thin SVD of ``B`` computed before (:func:`whitened_svd`, e.g. read from a stored decomposition) instead."""
+    ``method``: how ``B`` is decomposed (:func:`lowrank.decompose.thin_svd`: ``svd`` or ``eigh``).
+    ``directions``: the unwhitened directions of ``B``'s components computed before
+    (:func:`unwhitened_directions` of :func:`whitened_svd`, e.g. read from a stored decomposition); ``S``, ``T``
+    and ``method`` are then not used."""
     m, n = W.shape
     if not (1 <= k <= min(m, n)):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {k}")
-    if svd is None:
-        svd = whitened_svd(W, S, T, method)
-    elif svd.U.shape[0] != m or svd.Vh.shape[-1] != n:
-        raise ValueError(f"the stored decomposition is of a {svd.U.shape[0]}x{svd.Vh.shape[-1]} matrix, the "
-                         f"weight is {m}x{n}: it belongs to another model; rerun its decompose job")
-    return factors_from_svd(svd, k, S, T)
+    if directions is None:
+        directions = unwhitened_directions(whitened_svd(W, S, T, method), S, T, k)
+    elif directions.U.shape[0] != m or directions.Vh.shape[-1] != n:
+        raise ValueError(f"the stored decomposition is of a {directions.U.shape[0]}x{directions.Vh.shape[-1]} "
+                         f"matrix, the weight is {m}x{n}: it belongs to another model; rerun its decompose job")
+    return factors_from_directions(directions, k)
 
 
 @torch.no_grad()
@@ -106,8 +121,8 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
     """Replace every target with a rank in ``ranks`` by a ``LowRankLinear``, in place.
 
     ``whitening`` names the space (:data:`lowrank.spaces.SPACES`) and ``stats`` holds the statistics it reads.
-    ``svds``: the thin SVDs of the targets in that space, computed before (:func:`decompose_targets`); a target
-    missing from it is decomposed here. Returns per-target diagnostics: rank and relative (whitened) error
+    ``svds``: the targets' unwhitened component directions in that space, computed before
+    (:func:`decompose_targets`); a target missing from it is decomposed here. Returns per-target diagnostics: rank and relative (whitened) error
     ``Σ_{i>k}σ²/Σσ²``.
     """
     if whitening not in SPACES:
@@ -121,10 +136,11 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
             continue
         mod = model.get_submodule(t.name)
         W = linear_weight(mod).detach()
-        S = input_factor(whitening, t.name, stats, damping, device)
-        svd = svds[t.name] if svds is not None and t.name in svds else None
-        f = truncate(W.to(device), k, S, output_factor(whitening, t.name, stats, device), method=decomposition,
-                     svd=svd)
+        if svds is not None and t.name in svds:  # stored directions: no whitening factor needed
+            f = truncate(W.to(device), k, directions=svds[t.name])
+        else:
+            f = truncate(W.to(device), k, input_factor(whitening, t.name, stats, damping, device),
+                         output_factor(whitening, t.name, stats, device), method=decomposition)
         bias = linear_bias(mod)
         new = LowRankLinear.from_factors(f.A, f.B, None if bias is None else bias.detach(), dtype=W.dtype)
         replace_module(model, t.name, new.to(W.device))
@@ -137,15 +153,16 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
 def decompose_targets(model: nn.Module, targets: list[Target], whitening: str, stats: dict[str, Any] | None = None,
                       damping: float = 1e-6, device: torch.device | str = "cpu", decomposition: str = "svd"
                       ) -> dict[str, ThinSVD]:
-    """``{target: thin SVD of Tᵀ W S}`` (float64, on the CPU) in the space ``whitening``: what every truncation of
-    the targets at any rank cuts from (:func:`factors_from_svd`)."""
+    """``{target: (P_out, σ, P_inᵀ)}`` (float64, on the CPU): every component of ``Tᵀ W S`` in the space
+    ``whitening``, in the weight's own coordinates (:func:`unwhitened_directions`), from which every truncation of
+    the target at any rank is a slice and a scaling (:func:`factors_from_directions`)."""
     if whitening not in SPACES:
         raise ValueError(f"unknown whitening {whitening!r}; choose one of {sorted(SPACES)}")
     stats = stats or {}
     out: dict[str, ThinSVD] = {}
     for t in progress(targets, desc=f"decompose {whitening}"):
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
-        svd = whitened_svd(W, input_factor(whitening, t.name, stats, damping, device),
-                           output_factor(whitening, t.name, stats, device), decomposition)
-        out[t.name] = ThinSVD(*(x.cpu() for x in svd))
+        S = input_factor(whitening, t.name, stats, damping, device)
+        T = output_factor(whitening, t.name, stats, device)
+        out[t.name] = ThinSVD(*(x.cpu() for x in unwhitened_directions(whitened_svd(W, S, T, decomposition), S, T)))
     return out

@@ -391,7 +391,7 @@ def source_manifest(wc):
 
 def shares_decomposition(model):
     """decomposition.share: true / false, or auto = models below GPU_MIN_SIZE_B (CPU-sized: decomposing a weight
-    costs a CPU far more than reading it back, and the float64 file stays small)."""
+    costs a CPU far more than reading it back, and the file stays small)."""
     share = config["decomposition"]["share"]
     return config["models"][model]["size_b"] < GPU_MIN_SIZE_B if share == "auto" else bool(share)
 
@@ -399,14 +399,11 @@ def shares_decomposition(model):
 def shared_decomposition(wc):
     """The stored thin SVDs a truncation / quantize job cuts its ranks from (rule decompose), or none.
 
-    ancient: the file is temporary, so a later run that needs it again (a new ratio, an edited recipe) remakes it,
-    and its new timestamp must not make every finished truncation of that space look outdated. Whatever changes
-    the decomposition (the statistics, the source model, damping, decomposition.method, the code) is an input,
-    param or code fingerprint of the truncation and quantize rules themselves, so they still rerun on it."""
+    A kept artifact, not a temp() one: a remade temporary file would be newer than every finished truncation of
+    its space, and Snakemake would redo them all whenever one recipe or ratio is added."""
     if not shares_decomposition(wc.model):
         return []
-    return ancient(f"results/{wc.model}/{source_of(wc.method)}/decomposition/"
-                   f"{method_spec(wc)['whitening']}.safetensors")
+    return f"results/{wc.model}/{source_of(wc.method)}/decomposition/{method_spec(wc)['whitening']}.safetensors"
 
 
 def rehab_steps(method):

@@ -1,11 +1,12 @@
 rule decompose:
-    """The thin SVD of every target's weight in one space (U, sigma, V^T of T^T W S, float64), read by every
-    truncation and quantize job of that model, source and space; temporary: removed once they are all done."""
+    """Every target's components in one space: the thin SVD T^T W S = U Sigma V^T as W = P_out Sigma P_in^T
+    (P_out = T^-T U, P_in^T = V^T S^-1 in float32, sigma in float64), read by every truncation and quantize job of
+    that model, source and space (decomposition.share)."""
     input:
         unpack(lambda wc: whitening_stats(wc.whitening, wc.model, wc.source)),
         manifest="results/{model}/{source}/manifest.json",
     output:
-        temp("results/{model}/{source}/decomposition/{whitening}.safetensors"),
+        "results/{model}/{source}/decomposition/{whitening}.safetensors",
     params:
         damping=config["whitening"]["damping"],
         decomposition=config["decomposition"]["method"],

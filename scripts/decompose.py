@@ -1,4 +1,4 @@
-"""Rule decompose: the thin SVD of every target's whitened weight, once per model, source and space (temporary)."""
+"""Rule decompose: every target's components in one space (thin SVD of T^T W S, unwhitened), once per source."""
 
 from _adapter import load_stats, stage
 

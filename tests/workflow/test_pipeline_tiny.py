@@ -88,9 +88,8 @@ def test_changing_only_the_ratios_reruns_allocation_and_later_stages(tiny_run: P
     wd = copy_run(tiny_run, tmp_path / "ratios", cfg)
     jobs = planned_jobs(snakemake(wd, "-n"))
     # only the new ratio's jobs (7 recipes: 5 truncations, 1 correction, 2 quantizations, 1 rehab), the summary and
-    # the prehab report; statistics, scores and the prehab model are shared; the stored decompositions the
-    # truncations cut from are temporary (removed after the first run), so each of the 4 spaces is decomposed again
-    assert jobs == {"all": 1, "decompose": 4, "allocate": 7, "truncate": 5, "correct": 1, "quantize": 2, "rehab": 1,
+    # the prehab report; statistics, scores, the stored decompositions and the prehab model are shared
+    assert jobs == {"all": 1, "allocate": 7, "truncate": 5, "correct": 1, "quantize": 2, "rehab": 1,
                     "evaluate_compressed": 7, "evaluate_zeroshot": 7, "measure_speed": 7, "summarize": 1,
                     "prehab_report": 1}
 

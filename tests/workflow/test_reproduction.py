@@ -126,18 +126,18 @@ def test_editing_one_method_reruns_only_that_method(project: Path) -> None:
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     jobs = planned_jobs(smk(wd, "-n"))
     # svd-llm's chain, the summary, and the prehab report (it compares prehab-svd-llm with svd-llm); its truncation
-    # reads the (temporary, removed) stored decomposition of the pretrained model's input_gram space again
-    assert jobs == {"all": 1, "decompose": 1, "allocate": 1, "truncate": 1, "evaluate_compressed": 1,
+    # cuts from the stored decomposition of the input_gram space, which is not redone
+    assert jobs == {"all": 1, "allocate": 1, "truncate": 1, "evaluate_compressed": 1,
                     "evaluate_zeroshot": 1, "measure_speed": 1, "summarize": 1, "prehab_report": 1}
     outputs = [ln for ln in smk(wd, "-n").stdout.splitlines() if ln.strip().startswith("output:")]
-    assert len(outputs) == 7 and not [ln for ln in outputs if "/svd/" in ln or "/stats/" in ln]
+    assert len(outputs) == 6 and not [ln for ln in outputs if "/svd/" in ln or "/pretrained/" in ln]
 
 
 @pytest.mark.parametrize("module, expected", [
     ("zeroshot", {"next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 7}),
     ("speed", {"measure_speed_source": 1, "measure_speed": 7}),
-    # every recipe from its allocation on (7 recipes), with the stored decompositions they cut from (4 spaces)
-    ("allocation", {"decompose": 4, "allocate": 7, "truncate": 5, "correct": 1, "quantize": 2, "rehab": 1,
+    # every recipe from its allocation on (7 recipes)
+    ("allocation", {"allocate": 7, "truncate": 5, "correct": 1, "quantize": 2, "rehab": 1,
                     "evaluate_compressed": 7, "evaluate_zeroshot": 7, "measure_speed": 7, "prehab_report": 1}),
 ])
 def test_editing_a_core_module_reruns_the_stages_that_use_it(project: Path, module: str, expected: dict) -> None:
