@@ -4,11 +4,8 @@ Validation windows: non-overlapping ``seq_len`` windows of the calibration corpu
 spaced, with every window that overlaps a calibration window (same seed, count and length as the config's
 calibration) dropped. For each compressed folder given (a method's stage0), prints the validation perplexity
 without refinement and with each setting, plus the time of each refinement and of one forward pass over the
-refine windows (same run, contended CPU). The committed numbers (bench/results/refine_study_cpu_contended.md)
-were produced by
-
-    python bench/refine_study.py --stage results/smollm2-135m/svd-llm/0.60/stage0 --windows 16 --val 8 \
-        > bench/results/refine_study_cpu_contended.md
+refine windows (same run, contended CPU). The committed numbers: bench/results/refine_validation_study.md (the
+settings study, with its commands) and bench/results/refine_study_cpu_contended.md (the first, over-fitting runs).
 """
 
 from __future__ import annotations
@@ -31,10 +28,12 @@ from lowrank.model import find_targets, load_model, load_tokenizer
 from lowrank.refine import RefineConfig, refine_model
 from lowrank.truncation import truncate_model
 
+LSQ = dict(anchor=0.0, target_mix=1.0)  # plain least squares against the dense outputs (the first study's refit)
 SETTINGS = {
-    "A (damping 1e-4)": dict(mode="closed_form", damping=1e-4),
-    "A then B (damping 1e-4)": dict(mode="closed_form", damping=1e-4, refit_b=True),
-    "A (damping 1e-2)": dict(mode="closed_form", damping=1e-2),
+    "defaults (A, anchor 1, target mix 0.5)": dict(mode="closed_form"),
+    "A (damping 1e-4)": dict(mode="closed_form", damping=1e-4, **LSQ),
+    "A then B (damping 1e-4)": dict(mode="closed_form", damping=1e-4, refit_b=True, **LSQ),
+    "A (damping 1e-2)": dict(mode="closed_form", damping=1e-2, **LSQ),
     "adam 20 steps lr 1e-4": dict(mode="adam", steps=20, lr=1e-4),
 }
 
@@ -57,7 +56,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="calibration windows the refinement uses")
     ap.add_argument("--val", type=int, default=8, help="validation windows")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS ('' = none)")
+    ap.add_argument("--custom", action="append", default=[],
+                    help="an extra setting 'LABEL=key:value,key:value' of RefineConfig fields (repeatable), "
+                         "e.g. 'anchor 1=anchor:1,damping:0'")
+    ap.add_argument("--no-fit-ppl", action="store_true", help="skip the perplexity on the refine windows")
     ap.add_argument("--no-base", action="store_true", help="skip the unrefined row (printed by another process)")
     ap.add_argument("--time-truncation", action="store_true", help="also time the truncation (same run)")
     ap.add_argument("--heldout", action="store_true",
@@ -75,8 +78,9 @@ def main() -> None:
     dense = load_model(manifest)
     fit = windows[: args.windows]
     t0 = time.perf_counter()
-    dense_fit = perplexity(dense, fit)["ppl"]  # the forward pass over the refine windows, timed
-    t_fwd = time.perf_counter() - t0
+    # the forward pass over the refine windows, timed (skipped with --no-fit-ppl)
+    dense_fit = float("nan") if args.no_fit_ppl else perplexity(dense, fit)["ppl"]
+    t_fwd = float("nan") if args.no_fit_ppl else time.perf_counter() - t0
     print(f"SmolLM2-135M, CPU ({args.threads} threads, contended), refine on {args.windows} x 512 calibration "
           f"tokens, validation {args.val} x 512 tokens of the training plays outside every calibration window")
     dense_val = "" if args.no_base or val is None else f"dense validation ppl {perplexity(dense, val)['ppl']:.2f}; "
@@ -90,7 +94,7 @@ def main() -> None:
 
     def ppl(model: torch.nn.Module) -> str:
         v = f"{perplexity(model, val)['ppl']:.2f}" if val is not None else "-"
-        v = f"{perplexity(model, fit)['ppl']:.2f} | " + v
+        v = ("-" if args.no_fit_ppl else f"{perplexity(model, fit)['ppl']:.2f}") + " | " + v
         return v + (f" | {perplexity(model, heldout)['ppl']:.2f}" if args.heldout else "")
 
     print("| stage | setting | refine-window ppl | val ppl |" + (" held-out ppl |" if args.heldout else "") +
@@ -101,10 +105,15 @@ def main() -> None:
         name = "/".join(stage.rstrip("/").split("/")[-3:-1])
         if not args.no_base:
             print(f"| {name} | none | {ppl(base)} | | | | |", flush=True)
-        for key in args.settings.split(","):
+        settings = {k: SETTINGS[k] for k in args.settings.split(",") if k}
+        for c in args.custom:
+            label, _, body = c.partition("=")
+            pairs = (kv.partition(":") for kv in body.split(",") if kv)
+            settings[label] = {k: yaml.safe_load(v) for k, _, v in pairs}
+        for key, setting in settings.items():
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
-            rep = refine_model(model, dense, windows, RefineConfig(windows=args.windows, **SETTINGS[key]))
+            rep = refine_model(model, dense, windows, RefineConfig(**{"windows": args.windows, **setting}))
             dt = time.perf_counter() - t0
             b = rep.blocks
             eb, ea = sum(x["error_before"] for x in b) / len(b), sum(x["error_after"] for x in b) / len(b)

