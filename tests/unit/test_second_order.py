@@ -223,3 +223,20 @@ def test_window_curvature_is_the_fisher_of_window_gradients(model64):
     streamed_gradients(model, windows[:4], 3, "cpu", targets, probe=rows, need_G=False)
     for t in targets[::5]:
         torch.testing.assert_close(rows.result[t.name].mean().g2, probe.result[t.name].g2, rtol=1e-6, atol=0.0)
+
+
+def test_window_curvature_through_the_pipeline_path():
+    """fused_scores (what score_components runs) gives window_curvature the probe's statistics: non-negative
+    scores, the same σ as first_order, and for one window ``½ σ² T ḡ_1² = T (σ ḡ_1)² / 2 = T first_order² / 2``."""
+    model = build_llama(seed=2)
+    targets = find_targets(model)
+    windows = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    grams = {"input_gram": collect_input_grams(model, windows, 1, torch.device("cpu"), targets)}
+    wc, info = fused_scores(model, windows, 1, "cpu", targets, "window_curvature", "input_gram", grams)
+    fo, _ = fused_scores(model, windows, 1, "cpu", targets, "first_order", "input_gram", grams)
+    assert info.G == {}
+    for t in targets:
+        torch.testing.assert_close(wc[t.name]["sigma"], fo[t.name]["sigma"], rtol=1e-6, atol=1e-9)
+        want = 0.5 * 7 * fo[t.name]["score"].square()  # T = 7 predictions
+        torch.testing.assert_close(wc[t.name]["score"], want, rtol=1e-4, atol=1e-6 * float(want.max()))
+        assert bool((wc[t.name]["score"] >= 0).all())
