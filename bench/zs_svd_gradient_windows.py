@@ -11,7 +11,8 @@ dense), and measures perplexity on the VALIDATION windows (training plays, overl
 ``--heldout``, on the held-out windows; every perplexity is cached in ``<cache>/evals.jsonl``. ``seed`` s draws
 which K windows from the pool (``random.Random(s)``); ``first`` rows take the first K pool windows (the
 pipeline's ``scoring.gradient_windows: K`` on the same calibration file). Input Grams: the calibration file's
-windows.
+windows. ``--correct``: one projected correction (:func:`lowrank.correction.correct_model`) of chosen settings,
+held-out perplexity before and after.
 
 Windows from ``bench/identical_windows.py``. Prints a markdown table (mean and spread over seeds); the commands of
 the committed table are in ``bench/results/zs_svd_gradient_windows_cpu.md``:
@@ -37,9 +38,11 @@ import torch
 
 from lowrank.allocation import allocate
 from lowrank.calibration import InputGrams, collect_input_grams
+from lowrank.correction import correct_model
 from lowrank.evaluation import perplexity
+from lowrank.factorized import LowRankLinear
 from lowrank.io import load_tensors, save_tensors
-from lowrank.model import find_targets, linear_weight, load_model
+from lowrank.model import find_targets, linear_weight, load_model, replace_module
 from lowrank.scoring import ComponentProbe, component_directions, second_order_delta, window_curvature_delta
 from lowrank.spaces import input_factor
 from lowrank.streaming import streamed_gradients
@@ -119,6 +122,11 @@ def main() -> None:
     ap.add_argument("--heldout-windows", type=int, default=None, help="the first this-many held-out windows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=8, help="windows per cached statistics file")
+    ap.add_argument("--correct", default=None,
+                    help="scorer:K:seed:kept:floor[,...]: also one projected correction of that model (gradient "
+                         "on the first --correct-windows calibration windows, step judged on the next as many, as "
+                         "the pipeline's correct stage 1), held-out perplexity before and after")
+    ap.add_argument("--correct-windows", type=int, default=16)
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the cached evaluations, evaluating nothing")
     a = ap.parse_args()
@@ -196,6 +204,40 @@ def main() -> None:
                     results.append(rec)
                     if ranks is not None:
                         log.info("%s %.0f s", json.dumps(rec), time.perf_counter() - t0)
+    corrected = []
+    for spec in (a.correct.split(",") if a.correct else []):
+        scorer, K, seed, ratio, floor = spec.split(":")
+        K, ratio, floor = int(K), float(ratio), float(floor)
+        idx = sorted(random.Random(int(seed)).sample(range(a.pool), K))
+        tag = f"{held.shape[0]}x{held.shape[1]}"
+        key = f"{json.dumps([scorer, idx, ratio, floor])} corrected{a.correct_windows} {tag}"
+        if key not in memo and not a.table_only:
+            t0 = time.perf_counter()
+            scores = {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, pool.shape[1] - 1)
+                      for n, (sigma, g, F) in rows.items()}
+            ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
+            set_ranks({n: None for n in ranks})  # dense teacher weights back in the Linear modules
+            dense = {}
+            for t in targets:  # the truncated model as the pipeline stores it: factors with W_k = A B
+                k = ranks[t.name]
+                if k is not None:
+                    mod = model.get_submodule(t.name)
+                    low = LowRankLinear.from_factors(US[t.name][:, :k], VS[t.name][:k], mod.bias, dtype=torch.float32)
+                    dense[t.name] = replace_module(model, t.name, low)
+            w = a.correct_windows
+            res = correct_model(model, W0, targets, calib[:w], 2,
+                                lambda name: input_factor("input_gram", name, stats, 1e-6, "cpu"), "cpu",
+                                judge=calib[w : 2 * w])
+            memo[key] = perplexity(model, held, 4)["ppl"]
+            with memo_path.open("a") as f:
+                f.write(json.dumps({"key": key, "ppl": memo[key], "scale": res.scale, "trials": res.trials,
+                                    "loss_before": res.loss_before, "loss_after": res.loss_after}) + "\n")
+            for name, mod in dense.items():
+                replace_module(model, name, mod)
+            log.info("corrected %s: %.2f (scale %g, judged loss %.4f -> %.4f) %.0f s", spec, memo[key], res.scale,
+                     res.loss_before, res.loss_after, time.perf_counter() - t0)
+        plain = f"{json.dumps([scorer, idx, ratio, floor])} heldout {tag}"
+        corrected.append((spec, memo.get(plain), memo.get(key)))
     (cache / "results.json").write_text(json.dumps(results, indent=1))
     print(f"SmolLM2-135M, zero-sum allocation, CPU ({a.threads} thread, shared machine), pool of {a.pool} "
           f"gradient windows x {pool.shape[1]} tokens; input Grams over {calib.shape[0]} calibration windows; "
@@ -219,6 +261,12 @@ def main() -> None:
         if a.first:
             cells += [f"{r[c]:.2f}" if c in r else "-" for r in sel if r["choice"] == "first" for c in cols]
         print(f"| {sc} | {ratio:.2f} | {floor:g} | {K} | " + " | ".join(cells) + " |")
+    if corrected:
+        print(f"\nOne projected correction ({a.correct_windows} gradient windows, judged on the next "
+              f"{a.correct_windows}), held-out perplexity:\n")
+        print("| scorer:K:seed:kept:floor | one-shot | + 1 correction |\n|---|---:|---:|")
+        for spec, before, after in corrected:
+            print(f"| {spec} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in (before, after)) + " |")
 
 
 if __name__ == "__main__":
