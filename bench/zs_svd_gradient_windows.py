@@ -1,21 +1,26 @@
-"""ZS-SVD perplexity against the number of gradient windows, first_order vs second_order scores (issue 13).
+"""ZS-SVD perplexity against the number of gradient windows, for several per-component scores (issue 13).
 
 The scores are means over windows, so every window's per-component statistics (``ḡ_i`` and ``F_i`` of every
-target, :class:`lowrank.scoring.ComponentProbe` with ``per_window=True``) are computed ONCE over a pool, and the
-scores of any subset of K windows are formed from them: ``first_order = −σ ḡ_K``, ``second_order = −σ ḡ_K +
-½ σ² F_K``. Each (scorer, K, seed) then runs the zero-sum allocation at every kept fraction, builds the truncated
-weights ``W_k = U_k Σ_k V_kᵀ S⁻¹`` from decompositions cached once (the same product as the factors of
-:func:`lowrank.truncation.truncate`, evaluated dense), and measures perplexity on the VALIDATION windows (training
-plays, overlapping no pool window) and, with ``--heldout``, on the held-out windows. ``seed`` s draws which K
-windows from the pool (``random.Random(s)``); ``first`` rows take the first K pool windows (the pipeline's
-``scoring.gradient_windows: K`` on the same calibration file). Input Grams: the calibration file's windows.
+target, :class:`lowrank.scoring.ComponentProbe` with ``per_window=True``) are computed ONCE over a pool (cached per
+``--chunk`` windows, so a cut-short run resumes), and the scores of any subset of K windows are formed from their
+rows: ``first_order = −σ ḡ_K``, ``second_order = −σ ḡ_K + ½ σ² F_K``, ``window_curvature = ½ σ² T mean_w ḡ_w²``
+(and the bench-only variants of :func:`bench_scores`). Each (scorer, K, seed) then runs the zero-sum allocation at
+every ``--settings`` kept fraction and rank floor, builds the truncated weights ``W_k = U_k Σ_k V_kᵀ S⁻¹`` from
+decompositions cached once (the same product as the factors of :func:`lowrank.truncation.truncate`, evaluated
+dense), and measures perplexity on the VALIDATION windows (training plays, overlapping no pool window) and, with
+``--heldout``, on the held-out windows; every perplexity is cached in ``<cache>/evals.jsonl``. ``seed`` s draws
+which K windows from the pool (``random.Random(s)``); ``first`` rows take the first K pool windows (the
+pipeline's ``scoring.gradient_windows: K`` on the same calibration file). Input Grams: the calibration file's
+windows. ``--correct``: one projected correction (:func:`lowrank.correction.correct_model`) of chosen settings,
+held-out perplexity before and after.
 
-Windows from ``bench/identical_windows.py``. Prints a markdown table (mean and spread over seeds):
+Windows from ``bench/identical_windows.py``. Prints a markdown table (mean and spread over seeds); the commands of
+the committed table are in ``bench/results/zs_svd_gradient_windows_cpu.md``:
 
     python bench/identical_windows.py --tokenizer results/smollm2-135m/pretrained/hf --out results/identical
     python bench/zs_svd_gradient_windows.py --manifest results/smollm2-135m/pretrained/manifest.json \\
-        --windows results/identical --cache results/identical/cache --pool 96 --ks 1,4,16,64 --seeds 3 \\
-        --ratios 0.6,0.4 --val 8 --heldout > bench/results/zs_svd_gradient_windows_cpu.md
+        --windows results/identical --cache results/identical/cache --pool 80 --ks 1,2,4,8,16,64 --seeds 3 \\
+        --scorers window_curvature,second_order,first_order --settings 0.8:0,0.6:0,0.4:0,0.4:0.3 --val 4
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import torch
 
 from lowrank.allocation import allocate
 from lowrank.calibration import InputGrams, collect_input_grams
+from lowrank.correction import correct_model
 from lowrank.evaluation import perplexity
+from lowrank.factorized import LowRankLinear
 from lowrank.io import load_tensors, save_tensors
-from lowrank.model import find_targets, linear_weight, load_model
-from lowrank.scoring import ComponentProbe, component_directions, second_order_delta
+from lowrank.model import find_targets, linear_weight, load_model, replace_module
+from lowrank.scoring import ComponentProbe, component_directions, second_order_delta, window_curvature_delta
 from lowrank.spaces import input_factor
 from lowrank.streaming import streamed_gradients
 
@@ -70,6 +77,31 @@ def window_stats(model, targets, stats, pool: torch.Tensor, path: Path, chunk: i
             for n, v in out.items()}
 
 
+def bench_scores(scorer: str, sigma: torch.Tensor, g_rows: torch.Tensor, F_rows: torch.Tensor, cost: int,
+                 window_tokens: int) -> torch.Tensor:
+    """Scores of one target from the per-window rows ``ḡ_w``, ``F_w`` ([K, r]) of a window subset.
+    ``first_order`` and ``second_order`` are the pipeline's scorers (from the means ``ḡ``, ``F``); bench-only
+    variants: ``curvature`` (``½ σ² F`` alone), ``window_curvature`` (``½ σ² T mean_w ḡ_w²``: the curvature
+    from the empirical Fisher of WINDOW-mean gradients, ``T`` predictions per window), ``second_order_window``
+    (``−σ ḡ`` plus that), ``second_order@c`` (the curvature term times ``c``), and a ``/param`` suffix divides
+    by the matrix's parameters per component ``m + n`` (greedy by predicted loss per parameter saved)."""
+    name, per_param = (scorer[: -len("/param")], True) if scorer.endswith("/param") else (scorer, False)
+    name, _, c = name.partition("@")
+    g, F = g_rows.mean(0), F_rows.mean(0)
+    if name in ("window_curvature", "second_order_window"):
+        curv = window_curvature_delta(sigma, g_rows.square().mean(0), window_tokens) * float(c or 1)
+        out = curv if name == "window_curvature" else -sigma * g + curv
+    elif name == "first_order":
+        out = -sigma * g
+    elif name == "second_order":
+        out = second_order_delta(sigma, g, F * float(c or 1))
+    elif name == "curvature":
+        out = 0.5 * sigma.square() * F * float(c or 1)
+    else:
+        raise ValueError(f"unknown scorer {scorer!r}")
+    return out / cost if per_param else out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
@@ -82,12 +114,21 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.6,0.4")
     ap.add_argument("--scorers", default="first_order,second_order")
     ap.add_argument("--floors", default="0", help="min_rank_fraction values")
+    ap.add_argument("--settings", default=None,
+                    help="kept:floor pairs instead of every ratio x floor, e.g. 0.8:0,0.6:0,0.4:0,0.4:0.3")
     ap.add_argument("--val", type=int, default=8, help="validation windows used")
     ap.add_argument("--heldout", action="store_true", help="also evaluate on the held-out windows")
     ap.add_argument("--heldout-ks", default=None, help="only these K on the held-out windows (default: all)")
     ap.add_argument("--heldout-windows", type=int, default=None, help="the first this-many held-out windows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=8, help="windows per cached statistics file")
+    ap.add_argument("--correct", default=None,
+                    help="scorer:K:seed:kept:floor[,...]: also one projected correction of that model (gradient "
+                         "on the first --correct-windows calibration windows, step judged on the next as many, as "
+                         "the pipeline's correct stage 1), held-out perplexity before and after")
+    ap.add_argument("--correct-windows", type=int, default=16)
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table from the cached evaluations, evaluating nothing")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("LOWRANK_NO_PROGRESS", "1")
@@ -105,56 +146,106 @@ def main() -> None:
     rows = window_stats(model, targets, stats, pool, cache / f"chunk{a.chunk}", a.chunk)
     # the truncated weights of any rank k: W_k = (U Σ)[:, :k] (Vᵀ S⁻¹)[:k]
     W0, US, VS = {}, {}, {}
-    for t in targets:
+    for t in [] if a.table_only else targets:
         W = linear_weight(model.get_submodule(t.name)).detach()
         sigma, P_out, P_in = component_directions(W, input_factor("input_gram", t.name, stats, 1e-6), None, "eigh")
         W0[t.name], US[t.name], VS[t.name] = W.clone(), (P_out * sigma).float(), P_in.T.float().contiguous()
 
     held_ks = None if a.heldout_ks is None else {int(k) for k in a.heldout_ks.split(",")}
 
-    def evaluate(ranks: dict[str, int | None], K: int) -> dict[str, float]:
+    # every perplexity is cached (one JSON line each) under a key naming the subset, setting and windows, so a
+    # cut-short run resumes, and a later run with --heldout evaluates only the held-out side
+    memo_path = cache / "evals.jsonl"
+    memo: dict[str, float] = {}
+    if memo_path.is_file():
+        for line in memo_path.read_text().splitlines():
+            rec = json.loads(line)
+            memo[rec["key"]] = rec["ppl"]
+    splits = {"val": val, "heldout": held}
+
+    def set_ranks(ranks: dict[str, int | None]) -> None:
         with torch.no_grad():
             for t in targets:
                 k = ranks[t.name]
                 w = W0[t.name] if k is None else US[t.name][:, :k] @ VS[t.name][:k]
                 model.get_submodule(t.name).weight.copy_(w)  # y = W x orientation: Linear layers only here
-        out = {"val": perplexity(model, val, 4)["ppl"]}
-        if a.heldout and (held_ks is None or K in held_ks):
-            out["heldout"] = perplexity(model, held, 4)["ppl"]
-        return out
 
-    choices: list[tuple[str, int, list[int]]] = []
-    for K in [int(k) for k in a.ks.split(",")]:
-        if a.first:
-            choices.append(("first", K, list(range(K))))
-        for s in range(a.seeds):
-            choices.append((f"seed{s}", K, sorted(random.Random(s).sample(range(a.pool), K))))
-    done: dict[tuple, dict[str, float]] = {}  # identical subsets (K = pool) are evaluated once
+    if a.settings:
+        settings = [(float(r), float(f)) for r, f in (x.split(":") for x in a.settings.split(","))]
+    else:
+        settings = [(float(r), float(f)) for r in a.ratios.split(",") for f in a.floors.split(",")]
+    ks = [int(k) for k in a.ks.split(",")]
+    labels = (["first"] if a.first else []) + [f"seed{s}" for s in range(a.seeds)]
     results = []
-    for scorer in a.scorers.split(","):
-        for label, K, idx in choices:
-            scores = {}
-            for n, (sigma, g, F) in rows.items():
-                gk, Fk = g[idx].mean(0), F[idx].mean(0)
-                scores[n] = -sigma * gk if scorer == "first_order" else second_order_delta(sigma, gk, Fk)
-            for ratio in [float(r) for r in a.ratios.split(",")]:
-                for floor in [float(f) for f in a.floors.split(",")]:
+    for label in labels:  # seeds outermost: a run cut short still has every K for the first seeds
+        for K in ks:
+            idx = (list(range(K)) if label == "first"
+                   else sorted(random.Random(int(label[4:])).sample(range(a.pool), K)))
+            for scorer in a.scorers.split(","):
+                scores = {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, pool.shape[1] - 1)
+                          for n, (sigma, g, F) in rows.items()}
+                for ratio, floor in settings:
                     t0 = time.perf_counter()
-                    key = (scorer, tuple(idx), ratio, floor)
-                    if key not in done:
-                        done[key] = evaluate(allocate("zero_sum", shapes, ratio, scores, floor).ranks, K)
-                    ppl = done[key]
-                    rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor, **ppl}
+                    rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor}
+                    want = ["val"] + (["heldout"] if a.heldout and (held_ks is None or K in held_ks) else [])
+                    base = json.dumps([scorer, idx, ratio, floor])  # identical subsets are evaluated once
+                    ranks = None
+                    for split in want:
+                        key = f"{base} {split} {splits[split].shape[0]}x{splits[split].shape[1]}"
+                        if key not in memo and not a.table_only:
+                            if ranks is None:
+                                ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
+                                set_ranks(ranks)
+                            memo[key] = perplexity(model, splits[split], 4)["ppl"]
+                            with memo_path.open("a") as f:
+                                f.write(json.dumps({"key": key, "ppl": memo[key]}) + "\n")
+                        if key in memo:
+                            rec[split] = memo[key]
                     results.append(rec)
-                    log.info("%s %.0f s", json.dumps(rec), time.perf_counter() - t0)
+                    if ranks is not None:
+                        log.info("%s %.0f s", json.dumps(rec), time.perf_counter() - t0)
+    corrected = []
+    for spec in (a.correct.split(",") if a.correct else []):
+        scorer, K, seed, ratio, floor = spec.split(":")
+        K, ratio, floor = int(K), float(ratio), float(floor)
+        idx = sorted(random.Random(int(seed)).sample(range(a.pool), K))
+        tag = f"{held.shape[0]}x{held.shape[1]}"
+        key = f"{json.dumps([scorer, idx, ratio, floor])} corrected{a.correct_windows} {tag}"
+        if key not in memo and not a.table_only:
+            t0 = time.perf_counter()
+            scores = {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, pool.shape[1] - 1)
+                      for n, (sigma, g, F) in rows.items()}
+            ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
+            set_ranks({n: None for n in ranks})  # dense teacher weights back in the Linear modules
+            dense = {}
+            for t in targets:  # the truncated model as the pipeline stores it: factors with W_k = A B
+                k = ranks[t.name]
+                if k is not None:
+                    mod = model.get_submodule(t.name)
+                    low = LowRankLinear.from_factors(US[t.name][:, :k], VS[t.name][:k], mod.bias, dtype=torch.float32)
+                    dense[t.name] = replace_module(model, t.name, low)
+            w = a.correct_windows
+            res = correct_model(model, W0, targets, calib[:w], 2,
+                                lambda name: input_factor("input_gram", name, stats, 1e-6, "cpu"), "cpu",
+                                judge=calib[w : 2 * w])
+            memo[key] = perplexity(model, held, 4)["ppl"]
+            with memo_path.open("a") as f:
+                f.write(json.dumps({"key": key, "ppl": memo[key], "scale": res.scale, "trials": res.trials,
+                                    "loss_before": res.loss_before, "loss_after": res.loss_after}) + "\n")
+            for name, mod in dense.items():
+                replace_module(model, name, mod)
+            log.info("corrected %s: %.2f (scale %g, judged loss %.4f -> %.4f) %.0f s", spec, memo[key], res.scale,
+                     res.loss_before, res.loss_after, time.perf_counter() - t0)
+        plain = f"{json.dumps([scorer, idx, ratio, floor])} heldout {tag}"
+        corrected.append((spec, memo.get(plain), memo.get(key)))
     (cache / "results.json").write_text(json.dumps(results, indent=1))
     print(f"SmolLM2-135M, zero-sum allocation, CPU ({a.threads} thread, shared machine), pool of {a.pool} "
           f"gradient windows x {pool.shape[1]} tokens; input Grams over {calib.shape[0]} calibration windows; "
           f"validation = {val.shape[0]} windows of the training plays overlapping no pool window"
           + (f"; held-out = {held.shape[0]} windows of the held-out plays" if a.heldout else "") + "\n")
     cols = ["val"] + (["heldout"] if a.heldout else [])
-    print("| scorer | kept | floor | K | " + " | ".join(f"{c} ppl (mean ± sd over seeds)" for c in cols)
-          + " | " + " | ".join(f"{c} ppl, first K" for c in cols) * a.first + " |")
+    heads = [f"{c} ppl (mean ± sd over seeds)" for c in cols] + [f"{c} ppl, first K" for c in cols] * a.first
+    print("| scorer | kept | floor | K | " + " | ".join(heads) + " |")
     print("|---|---:|---:|---:|" + "---:|" * (len(cols) * (1 + a.first)))
     keys = sorted({(r["scorer"], r["ratio"], r["floor"], r["K"]) for r in results},
                   key=lambda k: (k[0], -k[1], k[2], k[3]))
@@ -164,10 +255,18 @@ def main() -> None:
         cells = []
         for c in cols:
             v = [r[c] for r in seeded if c in r]
-            cells.append("-" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+            sd = statistics.stdev(v) if len(v) > 1 else 0
+            cells.append("-" if not v else f"{statistics.mean(v):.2f} ± {sd:.2f}"
+                         + (f" ({len(v)} seeds)" if len(v) < a.seeds else ""))
         if a.first:
             cells += [f"{r[c]:.2f}" if c in r else "-" for r in sel if r["choice"] == "first" for c in cols]
         print(f"| {sc} | {ratio:.2f} | {floor:g} | {K} | " + " | ".join(cells) + " |")
+    if corrected:
+        print(f"\nOne projected correction ({a.correct_windows} gradient windows, judged on the next "
+              f"{a.correct_windows}), held-out perplexity:\n")
+        print("| scorer:K:seed:kept:floor | one-shot | + 1 correction |\n|---|---:|---:|")
+        for spec, before, after in corrected:
+            print(f"| {spec} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in (before, after)) + " |")
 
 
 if __name__ == "__main__":

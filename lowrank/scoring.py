@@ -20,6 +20,17 @@ Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S 
   approximation (the cross terms between positions are dropped). First order misses the curvature term, which
   grows with ``σ_i²`` and decides the large components; the curvature is positive, so ``second_order`` never
   predicts a gain where first order predicts a loss.
+* ``window_curvature``: the curvature term alone, with the empirical Fisher taken over calibration WINDOWS
+  instead of tokens, ``ΔL_i ≈ ½ σ_i² · T · (1/W) Σ_w ḡ_{w,i}²`` (``ḡ_{w,i}`` the mean gradient along component
+  ``i`` of window ``w``'s token-mean loss, ``T`` its predictions, ``W`` windows). ``T ḡ_w`` is the gradient of the
+  window's summed loss, so this is the empirical Fisher with the window as the sample, scaled to the token-mean
+  loss: unlike the per-token ``F_i`` it keeps the covariances between the positions of a window (the cross terms
+  the K-FAC per-token form drops). Why it is the default: on SmolLM2 the mean gradient along the tail components
+  is still mostly sampling noise at 64 windows (``|σ ḡ|`` about ``σ · sd_w(ḡ_w) / √W``, a zero mean's size), so the
+  first-order term ranks by noise, however many windows; the reference's one-window scores rank, in effect, by
+  ``|σ ḡ_1|``, a one-sample estimate of exactly this curvature (a likely reason why one window beat sixteen).
+  The windowed Fisher converges as windows are added (study: ``bench/results/zs_svd_gradient_windows_cpu.md``). It is
+  non-negative, so the zero-sum allocator removes the smallest predicted increases first.
 
 In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ W`` with gradient
 ``G' = ∂L/∂W' = T^{-1} G``, so ``first_order`` gives ``g_i = u_iᵀ T^{-1} G S^{-T} v_i`` and ``ΔL_i = −σ_i g_i``.
@@ -40,8 +51,8 @@ from .runtime import progress
 from .spaces import input_factor, output_factor
 from .whitening import output_gradient, unwhiten_left, whiten, whiten_left
 
-__all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "second_order_delta", "score_targets",
-           "ComponentStats", "ComponentProbe", "component_directions"]
+__all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "second_order_delta",
+           "window_curvature_delta", "score_targets", "ComponentStats", "ComponentProbe", "component_directions"]
 
 
 def whitened_gradient(G: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
@@ -68,6 +79,11 @@ def second_order_delta(sigma: torch.Tensor, g: torch.Tensor, fisher: torch.Tenso
     return -sigma * g + 0.5 * sigma.square() * fisher
 
 
+def window_curvature_delta(sigma: torch.Tensor, g2: torch.Tensor, window_tokens: int) -> torch.Tensor:
+    """``ΔL_i ≈ ½ σ_i² · T · g2_i`` with ``g2_i = (1/W) Σ_w ḡ_{w,i}²`` (the window-level empirical Fisher)."""
+    return 0.5 * sigma.square() * window_tokens * g2
+
+
 def component_directions(W: torch.Tensor, S: torch.Tensor | None, T: torch.Tensor | None, method: str = "svd"
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(σ, P_out, P_in)`` for ``Tᵀ W S = U Σ Vᵀ`` (``T = I`` in one-sided spaces, ``S = I`` unwhitened).
@@ -87,12 +103,22 @@ def component_directions(W: torch.Tensor, S: torch.Tensor | None, T: torch.Tenso
 @dataclass
 class ComponentStats:
     """Per-component calibration statistics of one target in its space: ``σ`` [r], the mean gradient along each
-    component ``ḡ`` and the per-token empirical Fisher ``F`` ([r], or [windows, r] per window: each window's
-    own token mean, so any subset's value is the mean of its rows)."""
+    component ``ḡ``, the per-token empirical Fisher ``F`` and the mean squared WINDOW-mean gradient ``g2``
+    (``(1/W) Σ_w ḡ_w²``) ([r], or [windows, r] per window: each window's own token mean, so any subset's value
+    is the mean of its rows); ``window_tokens`` the predictions per window."""
 
     sigma: torch.Tensor
     g: torch.Tensor
     fisher: torch.Tensor
+    g2: torch.Tensor | None = None
+    window_tokens: int = 0
+
+    def mean(self) -> "ComponentStats":
+        """The statistics over all windows (the mean of per-window rows; itself when already averaged)."""
+        if self.g.ndim == 1:
+            return self
+        g2 = None if self.g2 is None else self.g2.mean(dim=0)
+        return ComponentStats(self.sigma, self.g.mean(dim=0), self.fisher.mean(dim=0), g2, self.window_tokens)
 
 
 @dataclass
@@ -114,6 +140,7 @@ class ComponentProbe:
     result: dict[str, ComponentStats] = field(default_factory=dict)
     _dirs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    window_tokens: int = 0
 
     def begin_block(self, i: int, targets: list[Target]) -> None:
         self._dirs, self._rows = {}, {}
@@ -131,27 +158,28 @@ class ComponentProbe:
         p = a * b
         n_w = x.shape[1] - 1  # predictions per window
         self._rows[name].append((p.sum(dim=1) / n_w, p.square().sum(dim=1) / n_w))  # [b, r] each
+        self.window_tokens = n_w
 
     def end_block(self, i: int) -> None:
         for name, rows in self._rows.items():
             g = torch.cat([r[0] for r in rows]).cpu()
             F = torch.cat([r[1] for r in rows]).cpu()
-            if not self.per_window:
-                g, F = g.mean(dim=0), F.mean(dim=0)
-            self.result[name] = ComponentStats(self._dirs[name][0].cpu(), g, F)
+            stats = ComponentStats(self._dirs[name][0].cpu(), g, F, g.square(), self.window_tokens)
+            self.result[name] = stats if self.per_window else stats.mean()
         self._dirs, self._rows = {}, {}
 
 
 @dataclass(frozen=True)
 class Scorer:
     """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed. A scorer with
-    ``from_components`` scores from per-component statistics instead (:class:`ComponentStats`, gathered by a
-    :class:`ComponentProbe` during the streamed backward): ``from_components(σ, ḡ, F) -> score``."""
+    ``from_components`` scores from per-component statistics instead (:class:`ComponentStats` averaged over the
+    windows, gathered by a :class:`ComponentProbe` during the streamed backward): ``from_components(stats) ->
+    score``."""
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # fn(W, S, G, method="svd"|"eigh")
     needs_gradients: bool
     description: str
-    from_components: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    from_components: Callable[[ComponentStats], torch.Tensor] | None = None
 
 
 def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None, method: str = "svd"
@@ -172,7 +200,11 @@ SCORERS: dict[str, Scorer] = {
     "sigma": Scorer(_sigma, False, "singular values of W S"),
     "first_order": Scorer(_first_order, True, "first-order loss change of removing each component (ZS-SVD)"),
     "second_order": Scorer(None, True, "first-order change plus the per-token empirical-Fisher curvature along "
-                           "each component", from_components=second_order_delta),
+                           "each component",
+                           from_components=lambda c: second_order_delta(c.sigma, c.g, c.fisher)),
+    "window_curvature": Scorer(None, True, "curvature of removing each component, from the empirical Fisher of "
+                               "window-mean gradients (default zs-svd scorer)",
+                               from_components=lambda c: window_curvature_delta(c.sigma, c.g2, c.window_tokens)),
 }
 
 
@@ -197,9 +229,8 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
             raise ValueError(f"scorer {scorer!r} needs per-component statistics (a ComponentProbe in the streamed "
                              f"gradients, as fused_scores runs it); missing for {missing[:3]}")
         for t in targets:
-            c = comps[t.name]
-            g, F = (c.g.mean(dim=0), c.fisher.mean(dim=0)) if c.g.ndim == 2 else (c.g, c.fisher)
-            out[t.name] = {"sigma": c.sigma, "score": sc.from_components(c.sigma, g, F)}
+            c = comps[t.name].mean()
+            out[t.name] = {"sigma": c.sigma, "score": sc.from_components(c)}
         return out
     for t in progress(targets, desc=f"score {scorer}/{whitening}"):
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lowrank.calibration import collect_input_grams
-from lowrank.gradients import calibration_gradients, calibration_loss, causal_lm_loss
+from lowrank.gradients import TargetGradients, calibration_gradients, calibration_loss, causal_lm_loss
 from lowrank.model import find_targets
 from lowrank.output_metric import collect_output_kl
 from lowrank.scoring import SCORERS, ComponentProbe, component_directions, score_targets
@@ -193,3 +193,50 @@ def test_small_components_both_orders_agree_with_the_loss(removals):
     e_fo, e_so, s_fo, s_so = _errors(small)
     assert e_fo < 0.1 and e_so < 0.1, (e_fo, e_so)
     assert s_so <= 1
+
+
+def test_window_curvature_is_the_fisher_of_window_gradients(model64):
+    """``window_curvature`` = ``½ σ² T mean_w ḡ_w²`` with ``ḡ_w`` the first-order gradient along each component of
+    window ``w``'s own loss: checked against first_order run on each window alone (one backward per window)."""
+    model, windows, targets, grams = model64
+    sc = SCORERS["window_curvature"]
+    assert sc.needs_gradients and sc.from_components is not None
+    probe = ComponentProbe(model, "input_gram", grams)
+    streamed_gradients(model, windows[:4], 3, "cpu", targets, probe=probe, need_G=False)  # batches 3 + 1
+    per_window = []
+    for w in range(4):
+        grads = calibration_gradients(model, windows[w : w + 1], 1, "cpu", targets, streamed=False)
+        per_window.append(score_targets(model, targets, "first_order", "input_gram", grams, 1e-6, "cpu", grads))
+    scores = score_targets(model, targets, "window_curvature", "input_gram", grams, 1e-6, "cpu",
+                           TargetGradients(G={}, fisher=None, tokens=0, loss=0.0, components=probe.result))
+    T = windows.shape[1] - 1
+    for t in targets:
+        sigma = probe.result[t.name].sigma
+        g_w = torch.stack([-p[t.name]["score"] / sigma for p in per_window])  # first_order = −σ ḡ_w
+        want = 0.5 * sigma.square() * T * g_w.square().mean(0)
+        got = scores[t.name]["score"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.max()))
+        # the window Fisher bounds the squared mean gradient (Cauchy-Schwarz over windows), and is ≥ 0
+        assert bool((probe.result[t.name].g2 >= probe.result[t.name].g.square() * (1 - 1e-9)).all())
+    # per-window rows: any subset's g2 is the mean of its rows
+    rows = ComponentProbe(model, "input_gram", grams, per_window=True)
+    streamed_gradients(model, windows[:4], 3, "cpu", targets, probe=rows, need_G=False)
+    for t in targets[::5]:
+        torch.testing.assert_close(rows.result[t.name].mean().g2, probe.result[t.name].g2, rtol=1e-6, atol=0.0)
+
+
+def test_window_curvature_through_the_pipeline_path():
+    """fused_scores (what score_components runs) gives window_curvature the probe's statistics: non-negative
+    scores, the same σ as first_order, and for one window ``½ σ² T ḡ_1² = T (σ ḡ_1)² / 2 = T first_order² / 2``."""
+    model = build_llama(seed=2)
+    targets = find_targets(model)
+    windows = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    grams = {"input_gram": collect_input_grams(model, windows, 1, torch.device("cpu"), targets)}
+    wc, info = fused_scores(model, windows, 1, "cpu", targets, "window_curvature", "input_gram", grams)
+    fo, _ = fused_scores(model, windows, 1, "cpu", targets, "first_order", "input_gram", grams)
+    assert info.G == {}
+    for t in targets:
+        torch.testing.assert_close(wc[t.name]["sigma"], fo[t.name]["sigma"], rtol=1e-6, atol=1e-9)
+        want = 0.5 * 7 * fo[t.name]["score"].square()  # T = 7 predictions
+        torch.testing.assert_close(wc[t.name]["score"], want, rtol=1e-4, atol=1e-6 * float(want.max()))
+        assert bool((wc[t.name]["score"] >= 0).all())
