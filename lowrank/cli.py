@@ -48,6 +48,8 @@ def describe(recipe: dict[str, Any]) -> str:
         extras.append(f"{recipe['correction']['stages']} correction")
     if recipe.get("prehab"):
         extras.append("prehab")
+    if recipe.get("refine", {}).get("mode", "none") != "none":
+        extras.append(f"refine {recipe['refine']['mode']}")
     text = f"{recipe['whitening']}/{recipe['scorer']}/{recipe['allocator']}"
     return text + (f" + {', '.join(extras)}" if extras else "")
 
