@@ -58,11 +58,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decomposition.safetensors"
-        svds, t_dec = cpu(lambda: decompose_targets(model, targets, "input_gram", stats, 1e-6, "cpu", args.method))
-        _, t_save = cpu(lambda: save_decompositions(path, svds, {"whitening": "input_gram"},
+        directions, t_dec = cpu(lambda: decompose_targets(model, targets, "input_gram", stats, 1e-6, "cpu",
+                                                          args.method))
+        _, t_save = cpu(lambda: save_decompositions(path, directions, {"whitening": "input_gram"},
                                                         getattr(torch, args.dtype)))
         size = path.stat().st_size
-        del svds
+        del directions
         rows.append(("decompose (once per model and space)", "", t_dec + t_save, ""))
         total_own = total_shared = 0.0
         for r in (float(x) for x in args.ratios.split(",")):
@@ -70,7 +71,7 @@ def main() -> None:
             a, b = copy.deepcopy(model), copy.deepcopy(model)
             _, t_own = cpu(lambda: truncate_model(a, targets, ranks, "input_gram", stats, 1e-6, "cpu", args.method))
             _, t_sh = cpu(lambda: truncate_model(b, targets, ranks, "input_gram", stats, 1e-6, "cpu", args.method,
-                                                 svds=StoredDecompositions(path)))
+                                                 directions=StoredDecompositions(path)))
             sb = b.state_dict()
             diff = max(float((v - sb[k]).abs().max() / v.abs().max().clamp_min(1e-30))
                        for k, v in a.state_dict().items() if v.is_floating_point())

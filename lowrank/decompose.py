@@ -144,7 +144,7 @@ def singular_values(B: torch.Tensor, method: Method | str = "svd", dtype: torch.
     return lam.flip(-1).clamp_min(0).sqrt()
 
 
-def save_decompositions(path: str | os.PathLike, svds: Mapping[str, ThinSVD], metadata: dict[str, Any],
+def save_decompositions(path: str | os.PathLike, directions: Mapping[str, ThinSVD], metadata: dict[str, Any],
                         dtype: torch.dtype = torch.float32) -> None:
     """Store ``{target: ThinSVD}`` as ``U.<target>``, ``Vh.<target>`` (in ``dtype``: float32 by default) and
     ``S.<target>`` (float64), atomically and finite-checked, with ``metadata`` (the space, the method, the damping).
@@ -154,14 +154,15 @@ def save_decompositions(path: str | os.PathLike, svds: Mapping[str, ThinSVD], me
     storage costs the factors one float32 rounding, the precision they are stored in anyway (whitened vectors
     would be multiplied by ``S⁻¹`` after rounding, amplifying it by ``S``'s condition number)."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, (U, S, Vh) in svds.items():
+    for name, (U, S, Vh) in directions.items():
         tensors[f"U.{name}"], tensors[f"S.{name}"], tensors[f"Vh.{name}"] = U.to(dtype), S.double(), Vh.to(dtype)
-    save_tensors(path, tensors, dict(metadata, targets=sorted(svds)))
+    save_tensors(path, tensors, dict(metadata, targets=sorted(directions)))
 
 
 class StoredDecompositions(Mapping):
     """A read-only ``{target: ThinSVD}`` view of a file written by :func:`save_decompositions`; each target's
-    matrices are read when asked for (one block's worth in memory at a time), as stored, on the CPU."""
+    matrices are read when asked for (one block's worth in memory at a time), as stored, on the CPU. The
+    pipeline's files hold unwhitened directions: ``U`` = ``P_out``, ``Vh`` = ``P_inᵀ`` (not orthonormal)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)

@@ -281,17 +281,18 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
                    factor_of: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]],
                    rule: str = "zero_sum", min_rank_fraction: float = 0.0,
                    gradients_of: Callable[[Any], Any] | None = None,
-                   device: torch.device | str = "cpu", svds: Mapping[str, Any] | None = None,
+                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None,
                    decomposition: str = "svd") -> QuantizeResult:
     """Allocate ranks under the byte budget, truncate, choose int8 rows, swap in ``QuantizedLinear`` (in place).
 
     ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
     returns calibration gradients (:class:`lowrank.gradients.TargetGradients`) of the model as it is when
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
-    the budget cannot be met (the ``ValueError`` comes before any change). ``svds``: the targets' unwhitened
+    the budget cannot be met (the ``ValueError`` comes before any change). ``directions``: the targets' unwhitened
     component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`, stored:
     :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
-    ``decomposition``: how a target missing from ``svds`` is decomposed (:func:`lowrank.decompose.thin_svd`)."""
+    ``decomposition``: how a target missing from ``directions`` is decomposed
+    (:func:`lowrank.decompose.thin_svd`)."""
     from .model import linear_bias, linear_weight, replace_module
     from .quantized_linear import QuantizedLinear
     from .truncation import truncate
@@ -310,8 +311,8 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         if k is None:
             mats[t.name] = {"weight": W.to(torch.float32).cpu()}
             continue
-        if svds is not None and t.name in svds:  # stored directions: no whitening factor needed
-            f = truncate(W.to(device), k, directions=svds[t.name])
+        if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
+            f = truncate(W.to(device), k, directions=directions[t.name])
         else:
             S, T = factor_of(t.name)
             f = truncate(W.to(device), k, S, T, method=decomposition)

@@ -64,10 +64,11 @@ def _load_part(model: nn.Module, path: Path, fingerprint: str) -> dict[str, dict
 def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, int | None], whitening: str,
                     stats: dict[str, Any] | None, damping: float, device: torch.device | str,
                     parts: str | os.PathLike, key: dict[str, Any] | None = None, decomposition: str = "svd",
-                    stop_after: int | None = None, svds: Mapping[str, ThinSVD] | None = None
+                    stop_after: int | None = None, directions: Mapping[str, ThinSVD] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """:func:`lowrank.truncation.truncate_model` one block at a time, each block's factors saved to ``parts``.
-    ``svds``: the targets' stored thin SVDs (:class:`lowrank.decompose.StoredDecompositions`), read block by
+    ``directions``: the targets' stored component directions (:class:`lowrank.decompose.StoredDecompositions`), read
+    block by
     block; without it each block decomposes its targets.
 
     Blocks whose part file exists with a matching fingerprint are loaded, not recomputed. ``stop_after=k``
@@ -88,7 +89,8 @@ def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, in
         got = _load_part(model, path, fp) if path.exists() else None
         if got is None:
             with resident(model, i, device) as _block:
-                mine = None if svds is None else {t.name: svds[t.name] for t in tl if t.name in svds}
+                mine = None if directions is None else {t.name: directions[t.name] for t in tl
+                                                        if t.name in directions}
                 got = truncate_model(model, tl, ranks, whitening, stats, damping, device, decomposition, mine)
                 tensors = {}
                 for t in tl:

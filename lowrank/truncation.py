@@ -32,8 +32,8 @@ from .runtime import progress
 from .spaces import SPACES, input_factor, output_factor
 from .whitening import unwhiten_left, unwhiten_right, whiten, whiten_left
 
-__all__ = ["Factors", "whitened_svd", "unwhitened_directions", "factors_from_directions", "truncate", "truncate_model",
-           "decompose_targets"]
+__all__ = ["Factors", "whitened_svd", "unwhitened_directions", "factors_from_directions", "truncate",
+           "truncate_model", "decompose_targets"]
 
 
 @dataclass
@@ -116,14 +116,14 @@ def truncate(W: torch.Tensor, k: int, S: torch.Tensor | None = None, T: torch.Te
 @torch.no_grad()
 def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int | None], whitening: str,
                    stats: dict[str, Any] | None = None, damping: float = 1e-6, device: torch.device | str = "cpu",
-                   decomposition: str = "svd", svds: Mapping[str, ThinSVD] | None = None
+                   decomposition: str = "svd", directions: Mapping[str, ThinSVD] | None = None
                    ) -> dict[str, dict[str, Any]]:
     """Replace every target with a rank in ``ranks`` by a ``LowRankLinear``, in place.
 
     ``whitening`` names the space (:data:`lowrank.spaces.SPACES`) and ``stats`` holds the statistics it reads.
-    ``svds``: the targets' unwhitened component directions in that space, computed before
-    (:func:`decompose_targets`); a target missing from it is decomposed here. Returns per-target diagnostics: rank and relative (whitened) error
-    ``Σ_{i>k}σ²/Σσ²``.
+    ``directions``: the targets' unwhitened component directions in that space, computed before
+    (:func:`decompose_targets`); a target missing from it is decomposed here. Returns per-target diagnostics: rank
+    and relative (whitened) error ``Σ_{i>k}σ²/Σσ²``.
     """
     if whitening not in SPACES:
         raise ValueError(f"unknown whitening {whitening!r}; choose one of {sorted(SPACES)}")
@@ -136,8 +136,8 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
             continue
         mod = model.get_submodule(t.name)
         W = linear_weight(mod).detach()
-        if svds is not None and t.name in svds:  # stored directions: no whitening factor needed
-            f = truncate(W.to(device), k, directions=svds[t.name])
+        if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
+            f = truncate(W.to(device), k, directions=directions[t.name])
         else:
             f = truncate(W.to(device), k, input_factor(whitening, t.name, stats, damping, device),
                          output_factor(whitening, t.name, stats, device), method=decomposition)

@@ -13,12 +13,13 @@ def run(smk) -> None:
         whitening, damping, method = smk.wildcards.whitening, smk.params.damping, smk.params.decomposition
         model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env())
         stats = load_stats(smk)
-        svds = {}
+        directions = {}
         for part in for_each_block(model, find_targets(model), st.device, lambda i, tl: decompose_targets(
                 model, tl, whitening, stats, damping, st.device, method)).values():
-            svds.update(part)
-        st.log.info("%d targets decomposed in the %s space (%s)", len(svds), whitening, method)
-        save_decompositions(smk.output[0], svds, {"whitening": whitening, "damping": damping, "method": method})
+            directions.update(part)
+        st.log.info("%d targets decomposed in the %s space (%s)", len(directions), whitening, method)
+        save_decompositions(smk.output[0], directions, {"whitening": whitening, "damping": damping,
+                                                        "method": method})
 
 
 if "snakemake" in globals():

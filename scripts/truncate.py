@@ -25,10 +25,10 @@ def run(smk) -> None:
         parts = Path(smk.output.manifest).parent / "parts"
         inputs = {k: [os.path.getsize(v), os.stat(v).st_mtime_ns] for k, v in smk.input.items()}
         # the thin SVDs the decompose job stored (decomposition.share), else each block decomposes its targets
-        svds = StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None
+        directions = StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None
         report = truncate_blocks(model, find_targets(model), alloc.ranks, method["whitening"], stats,
                                  smk.params.damping, st.device, parts, key={"inputs": inputs, "dtype": str(st.dtype)},
-                                 decomposition=getattr(smk.params, "decomposition", "svd"), svds=svds)
+                                 decomposition=getattr(smk.params, "decomposition", "svd"), directions=directions)
         methods = getattr(stats.get("input_gram"), "factor_methods", {})
         fallbacks = {g: m for g, m in methods.items() if m != "cholesky"}
         st.log.info("%d targets factored; whitening fallbacks: %s", sum(r["rank"] is not None for r in

@@ -75,26 +75,27 @@ def test_a_decomposition_of_another_shape_is_refused():
 def test_stored_decompositions_round_trip_and_read_lazily(tmp_path, tiny_llama, token_windows):
     stats = _stats(tiny_llama, token_windows)
     targets = find_targets(tiny_llama)
-    svds = decompose_targets(tiny_llama, targets, "input_gram", stats, 1e-6)
-    assert set(svds) == {t.name for t in targets}
+    directions = decompose_targets(tiny_llama, targets, "input_gram", stats, 1e-6)
+    assert set(directions) == {t.name for t in targets}
     for t in targets:  # the components of W S, unwhitened: P_out Σ P_inᵀ = W, P_inᵀ S = Vᵀ orthonormal rows
         S = input_factor("input_gram", t.name, stats, 1e-6, "cpu")
-        U, s, Vh = svds[t.name]
+        U, s, Vh = directions[t.name]
         W = linear_weight(tiny_llama.get_submodule(t.name)).double()
         torch.testing.assert_close(U * s @ Vh, W, rtol=0, atol=1e-8)
         V = Vh @ S
         torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0], dtype=torch.float64), rtol=0, atol=1e-8)
     path = tmp_path / "d.safetensors"
-    save_decompositions(path, svds, {"whitening": "input_gram"})
+    save_decompositions(path, directions, {"whitening": "input_gram"})
     back = StoredDecompositions(path)
-    assert back.metadata["whitening"] == "input_gram" and len(back) == len(svds) and set(back) == set(svds)
+    assert back.metadata["whitening"] == "input_gram" and len(back) == len(directions)
+    assert set(back) == set(directions)
     name = targets[3].name
     assert name in back and "model.nothing" not in back
     U, s, Vh = back[name]  # U, Vᵀ in float32 (the factors' precision), σ exact
-    assert U.dtype == Vh.dtype == torch.float32 and torch.equal(s, svds[name].S)
-    assert torch.equal(U, svds[name].U.float()) and torch.equal(Vh, svds[name].Vh.float())
-    save_decompositions(path, svds, {}, dtype=torch.float64)  # full precision on request
-    assert all(torch.equal(a, b) for a, b in zip(StoredDecompositions(path)[name], svds[name]))
+    assert U.dtype == Vh.dtype == torch.float32 and torch.equal(s, directions[name].S)
+    assert torch.equal(U, directions[name].U.float()) and torch.equal(Vh, directions[name].Vh.float())
+    save_decompositions(path, directions, {}, dtype=torch.float64)  # full precision on request
+    assert all(torch.equal(a, b) for a, b in zip(StoredDecompositions(path)[name], directions[name]))
     with pytest.raises(KeyError):
         back["model.nothing"]
 
@@ -105,22 +106,22 @@ def test_truncation_from_the_stored_file_equals_decomposing_in_the_job(tmp_path,
     stats = _stats(tiny_llama, token_windows)
     targets = find_targets(tiny_llama)
     path = tmp_path / "d.safetensors"
-    svds = decompose_targets(tiny_llama, targets, "input_gram", stats, 1e-6)
-    save_decompositions(path, svds, {}, dtype=torch.float64)
-    save_decompositions(tmp_path / "d32.safetensors", svds, {})
+    directions = decompose_targets(tiny_llama, targets, "input_gram", stats, 1e-6)
+    save_decompositions(path, directions, {}, dtype=torch.float64)
+    save_decompositions(tmp_path / "d32.safetensors", directions, {})
     ranks = {t.name: (None if i == 0 else 3 + i % 5) for i, t in enumerate(targets)}
     a, b, c = (copy.deepcopy(tiny_llama) for _ in range(3))
     rep_a = truncate_model(a, targets, ranks, "input_gram", stats, 1e-6)
-    rep_b = truncate_model(b, targets, ranks, "input_gram", stats, 1e-6, svds=StoredDecompositions(path))
+    rep_b = truncate_model(b, targets, ranks, "input_gram", stats, 1e-6, directions=StoredDecompositions(path))
     rep_c = truncate_blocks(c, targets, ranks, "input_gram", stats, 1e-6, "cpu", tmp_path / "parts",
-                            svds=StoredDecompositions(path))
+                            directions=StoredDecompositions(path))
     assert rep_a == rep_b == rep_c
     for x, y in ((a, b), (a, c)):
         for k, v in x.state_dict().items():
             assert torch.equal(v, y.state_dict()[k]), k
     d = copy.deepcopy(tiny_llama)
     assert truncate_model(d, targets, ranks, "input_gram", stats, 1e-6,
-                          svds=StoredDecompositions(tmp_path / "d32.safetensors")).keys() == rep_a.keys()
+                          directions=StoredDecompositions(tmp_path / "d32.safetensors")).keys() == rep_a.keys()
     for k, v in a.state_dict().items():
         w = d.state_dict()[k]
         assert torch.equal(v, w) if "weight" not in k or v.ndim < 2 else (v - w).abs().max() <= 1e-5 * v.abs().max()
@@ -146,7 +147,7 @@ def test_quantize_from_the_stored_file_equals_decomposing_in_the_job(tmp_path, t
     a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     ra = quantize_model(a, targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0, grads_of)
     rb = quantize_model(b, targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0, grads_of,
-                        svds=StoredDecompositions(path))
+                        directions=StoredDecompositions(path))
     assert ra.layouts == rb.layouts and ra.accounted_bytes == rb.accounted_bytes
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
@@ -154,4 +155,4 @@ def test_quantize_from_the_stored_file_equals_decomposing_in_the_job(tmp_path, t
     bad = {t.name: unwhitened_directions(whitened_svd(torch.randn(3, 5, dtype=torch.float64))) for t in targets}
     with pytest.raises(ValueError, match="another model"):
         quantize_model(copy.deepcopy(tiny_llama), targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0,
-                       grads_of, svds=bad)
+                       grads_of, directions=bad)

@@ -127,7 +127,8 @@ def test_dry_run_plans_one_statistics_job_for_all_methods_and_ratios(workdir) ->
     # (whitening, scorer): none/sigma, input_gram/sigma, input_gram/first_order; one stored decomposition per
     # space (none, input_gram) that all six truncations cut from; zs-svd adds one correction stage
     assert jobs == {"all": 1, "pretrained": 1, "token_windows": 2, "calibration_stats": 1, "score_components": 3,
-                    "decompose": 2, "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6, "evaluate_source": 1,
+                    "decompose": 2, "allocate": 6, "truncate": 6, "correct": 2, "evaluate_compressed": 6,
+                    "evaluate_source": 1,
                     "summarize": 1,
                     # one offline zero-shot task shared by all; zero-shot and speed per model (dense + 6)
                     "next_line_task": 1, "evaluate_zeroshot_source": 1, "evaluate_zeroshot": 6,
