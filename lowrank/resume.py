@@ -67,9 +67,8 @@ def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, in
                     stop_after: int | None = None, directions: Mapping[str, ThinSVD] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """:func:`lowrank.truncation.truncate_model` one block at a time, each block's factors saved to ``parts``.
-    ``directions``: the targets' stored component directions (:class:`lowrank.decompose.StoredDecompositions`), read
-    block by
-    block; without it each block decomposes its targets.
+    ``directions``: the targets' stored component directions (:class:`lowrank.decompose.StoredDecompositions`,
+    read target by target as each block is truncated); without it each block decomposes its targets.
 
     Blocks whose part file exists with a matching fingerprint are loaded, not recomputed. ``stop_after=k``
     raises ``RuntimeError`` after block ``k`` is saved (for tests of resumption: a simulated crash). Returns the
@@ -89,9 +88,7 @@ def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, in
         got = _load_part(model, path, fp) if path.exists() else None
         if got is None:
             with resident(model, i, device) as _block:
-                mine = None if directions is None else {t.name: directions[t.name] for t in tl
-                                                        if t.name in directions}
-                got = truncate_model(model, tl, ranks, whitening, stats, damping, device, decomposition, mine)
+                got = truncate_model(model, tl, ranks, whitening, stats, damping, device, decomposition, directions)
                 tensors = {}
                 for t in tl:
                     mod = model.get_submodule(t.name)

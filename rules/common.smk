@@ -397,7 +397,7 @@ def shares_decomposition(model):
 
 
 def shared_decomposition(wc):
-    """The stored thin SVDs a truncation / quantize job cuts its ranks from (rule decompose), or none.
+    """The stored component directions a truncation / quantize job cuts its ranks from (rule decompose), or none.
 
     A kept artifact, not a temp() one: a remade temporary file would be newer than every finished truncation of
     its space, and Snakemake would redo them all whenever one recipe or ratio is added."""

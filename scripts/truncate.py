@@ -24,7 +24,7 @@ def run(smk) -> None:
         # one factor file per block under parts/: a rerun after a crash loads the finished blocks
         parts = Path(smk.output.manifest).parent / "parts"
         inputs = {k: [os.path.getsize(v), os.stat(v).st_mtime_ns] for k, v in smk.input.items()}
-        # the thin SVDs the decompose job stored (decomposition.share), else each block decomposes its targets
+        # the component directions the decompose job stored (decomposition.share), else each block decomposes
         directions = StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None
         report = truncate_blocks(model, find_targets(model), alloc.ranks, method["whitening"], stats,
                                  smk.params.damping, st.device, parts, key={"inputs": inputs, "dtype": str(st.dtype)},

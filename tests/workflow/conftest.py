@@ -58,18 +58,12 @@ def tiny_dag(tmp_path_factory, request: pytest.FixtureRequest) -> Path:
     same folder (a ``done`` mark tells them it finished; a failed run leaves no mark, so each worker retries it and
     reports its error)."""
     reuse = os.environ.get("LOWRANK_TINY_DAG")
-    if reuse and (Path(reuse) / "config.yaml").is_file():
-        wd = Path(reuse)
-        if yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
+    if reuse or not hasattr(request.config, "workerinput"):  # a folder of its own (not an xdist worker)
+        wd = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-dag") / "run"
+        if not (wd / "config.yaml").is_file():
+            write_workdir(wd, shared_config())
+        elif yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
             write_config(wd, shared_config())
-        snakemake(wd)
-        return wd
-    if reuse:
-        wd = write_workdir(Path(reuse), shared_config())
-        snakemake(wd)
-        return wd
-    if not hasattr(request.config, "workerinput"):  # not an xdist worker: a private folder
-        wd = write_workdir(tmp_path_factory.mktemp("tiny-dag") / "run", shared_config())
         snakemake(wd)
         return wd
     common = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
