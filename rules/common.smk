@@ -230,6 +230,15 @@ def gpus_for(wc):
     return int(config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B)
 
 
+
+def light_threads(wc):
+    """Threads of a job that is not worth more than one core on a model under GPU_MIN_SIZE_B: perplexity, the
+    truncation cut from stored directions, quantize, decompose. Their CPU time on SmolLM2 is 1.0-1.2x their wall
+    time with 2 threads (bench/run_times.py on the default run; σ scores likewise), so one thread each lets two such jobs (there is
+    one per method x ratio) run side by side instead of one after the other. Larger models keep 8 (capped by
+    --cores), where the matrix products do use them."""
+    return 1 if config["models"][wc.model]["size_b"] < GPU_MIN_SIZE_B else 8
+
 # ---- cluster: requests that fit the partitions, GPU-only resources, the node's log in the rule log -----------
 # The SLURM profile describes the cluster (profiles/slurm: partitions.yaml, set-resources); nothing here names a
 # partition. These helpers only read what the profile gave the plugin.

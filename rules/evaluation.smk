@@ -13,7 +13,7 @@ rule evaluate_source:
         "logs/evaluate_source/{model}/{source}.log",
     benchmark:
         "benchmarks/evaluate_source/{model}/{source}.tsv"
-    threads: 8
+    threads: light_threads
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,
@@ -37,7 +37,7 @@ rule evaluate_compressed:
         "logs/evaluate_compressed/{model}/{method}/{ratio}.log",
     benchmark:
         "benchmarks/evaluate_compressed/{model}/{method}/{ratio}.tsv"
-    threads: 8
+    threads: light_threads
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,

@@ -44,7 +44,7 @@ rule quantize:
         "logs/quantize/{model}/{method}/{ratio}.log",
     benchmark:
         "benchmarks/quantize/{model}/{method}/{ratio}.tsv"
-    threads: 8
+    threads: light_threads
     resources:
         mem_mb=mem_mb_for,
         runtime=runtime_min_for,

@@ -21,7 +21,7 @@ rule score_components:
         "logs/score_components/{model}/{source}/{whitening}/{scorer}.log",
     benchmark:
         "benchmarks/score_components/{model}/{source}/{whitening}/{scorer}.tsv"
-    threads: 8
+    threads: lambda wc: 8 if SCORERS[wc.scorer].needs_gradients else light_threads(wc)
     resources:
         mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,

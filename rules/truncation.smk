@@ -19,7 +19,7 @@ rule decompose:
         "logs/decompose/{model}/{source}/{whitening}.log",
     benchmark:
         "benchmarks/decompose/{model}/{source}/{whitening}.tsv"
-    threads: 8
+    threads: light_threads
     resources:
         mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,
@@ -51,7 +51,7 @@ rule truncate:
         "logs/truncate/{model}/{method}/{ratio}.log",
     benchmark:
         "benchmarks/truncate/{model}/{method}/{ratio}.tsv"
-    threads: 8
+    threads: light_threads
     resources:
         mem_mb=mem_mb_streamed_for,
         runtime=runtime_min_for,

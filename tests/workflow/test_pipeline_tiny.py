@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wf import SHARED_METHODS, copy_run, planned_jobs, shared_config, snakemake, write_config
+from wf import SHARED_METHODS, copy_run, planned_jobs, shared_config, snakemake, write_config, write_workdir
 
 from lowrank.calibration import InputGrams
 from lowrank.checkpoint import load_compressed
@@ -164,3 +164,34 @@ def test_a_job_left_incomplete_by_a_crash_is_redone_by_the_default_profile(tiny_
     proc = snakemake(wd, "-n", "--workflow-profile", "none", check=False)
     assert proc.returncode != 0
     assert target in proc.stdout + proc.stderr and "--rerun-incomplete" in proc.stdout + proc.stderr
+
+
+def _threads_per_rule(proc) -> dict[str, set[int]]:
+    """Threads of every planned job, per rule, from a dry run (Snakemake prints ``threads:`` only above 1)."""
+    out: dict[str, set[int]] = {}
+    rule = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        s = line.strip()
+        if s.startswith(("rule ", "localrule ")) and s.endswith(":"):
+            rule = s.split()[1].rstrip(":")
+            out.setdefault(rule, set()).add(1)
+        elif s.startswith("threads:") and rule is not None:
+            out[rule].discard(1)
+            out[rule].add(int(s.split()[1]))
+    return out
+
+
+@pytest.mark.parametrize("size_b, light", [(0.0001, 1), (7.0, 2)])
+def test_jobs_that_come_per_recipe_take_one_thread_on_a_small_model(tmp_path: Path, size_b: float, light: int
+                                                                    ) -> None:
+    """Perplexity, truncation, quantize, decompose and σ scores of a model under 1 B parameters run on one thread
+    each, so two run side by side on a 2-core machine; the gradient scores and the Grams keep every core."""
+    cfg = shared_config()
+    cfg["models"]["tiny-llama"]["size_b"] = size_b
+    cfg["runtime"] = {**cfg.get("runtime", {}), "device": "cpu"}
+    cfg["decomposition"] = {**cfg.get("decomposition", {}), "share": True}  # auto shares below 1 B only
+    threads = _threads_per_rule(snakemake(write_workdir(tmp_path / "run", cfg), "-n", "--max-threads", "2"))
+    for rule in ("evaluate_source", "evaluate_compressed", "truncate", "quantize", "decompose"):
+        assert threads[rule] == {light}, (rule, threads[rule])
+    assert threads["calibration_stats"] == {2}
+    assert threads["score_components"] == {2, light} if light == 1 else {2}  # sigma light, first_order 2
