@@ -9,8 +9,8 @@ from typing import Any, Iterator
 
 import torch
 
-from lowrank.calibration import STATS, load_stat
 from lowrank.runtime import parse_dtype, resolve_device, seed_everything, set_threads, setup_logging
+from lowrank.statistics import STAT_LOADERS, load_stat
 
 
 @dataclass
@@ -42,4 +42,4 @@ def stage(smk: Any) -> Iterator[Stage]:
 
 def load_stats(smk: Any) -> dict[str, Any]:
     """Every calibration statistic among the rule's named inputs, keyed by kind (``input_gram``, ...)."""
-    return {k: load_stat(smk.input[k]) for k in smk.input.keys() if k in STATS}
+    return {k: load_stat(smk.input[k]) for k in smk.input.keys() if k in STAT_LOADERS}

@@ -2,9 +2,10 @@
 
 from _adapter import load_stats, stage
 
+from lowrank.blocks import for_each_block
 from lowrank.decompose import save_decompositions
 from lowrank.model import find_targets
-from lowrank.sharded import for_each_block, lazy_from_env, load_model_streaming
+from lowrank.sharded import lazy_from_env, load_model_streaming
 from lowrank.truncation import decompose_targets
 
 

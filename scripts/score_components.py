@@ -2,11 +2,12 @@
 
 from _adapter import load_stats, stage
 
+from lowrank.blocks import for_each_block
 from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import find_targets, load_model
 from lowrank.scoring import SCORERS, score_targets
-from lowrank.sharded import for_each_block, is_lazy, lazy_from_env, load_model_streaming
+from lowrank.sharded import is_lazy, lazy_from_env, load_model_streaming
 from lowrank.streaming import fused_scores
 
 
