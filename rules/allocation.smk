@@ -1,3 +1,6 @@
+from dag import allocator_stats, core_fingerprint, method_spec, ratio_value, scores_for
+
+
 rule allocate:
     """Ranks per target under the parameter budget of {ratio} (kept fraction of target parameters)."""
     input:

@@ -1,4 +1,8 @@
+from dag import (
+    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, runtime_min_for, runtime_spec, stat_options,
+)
 from lowrank.calibration import STATS
+
 
 # lowrank modules each statistic kind runs beyond the shared streaming code (for the code fingerprint)
 STAT_MODULES = {
@@ -6,14 +10,6 @@ STAT_MODULES = {
     "asvd_sensitivity": ("sensitivity", "allocation", "gradients", "spaces", "whitening"),
     "output_kl": ("output_metric", "whitening"),
 }
-
-
-def stat_options(wc):
-    """The statistic's own config slice; ASVD's sensitivity also reads the act_scale exponent it truncates with."""
-    options = dict(config["statistics"].get(wc.stat, {}))
-    if wc.stat == "asvd_sensitivity":
-        options["alpha"] = config["statistics"]["act_scale"]["alpha"]
-    return options
 
 
 rule calibration_stats:

@@ -1,3 +1,9 @@
+from dag import (
+    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, method_spec, previous_stage, runtime_min_for,
+    runtime_spec, source_manifest, stats_for_method,
+)
+
+
 rule correct:
     """Projected correction of stage {stage}-1 toward the teacher, then re-truncation to the same ranks."""
     input:

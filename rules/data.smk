@@ -1,3 +1,6 @@
+from dag import core_fingerprint, split_spec
+
+
 rule token_windows:
     """Seeded calibration windows, or held-out non-overlapping evaluation windows, as a token tensor."""
     input:

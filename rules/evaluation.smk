@@ -1,3 +1,6 @@
+from dag import core_fingerprint, final_compressed, gpus_for, mem_mb_for, runtime_min_for, runtime_spec
+
+
 rule evaluate_source:
     """Perplexity and size of the dense source model: the reference row of every table."""
     input:

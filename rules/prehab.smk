@@ -1,9 +1,9 @@
 # Low-Rank Prehab (a source model, results/{model}/prehab) and rehab (a fine-tune of compressed factors).
 
-
-def prehab_settings(wc=None):
-    """The prehab run's config slice (reuse_prehab_whitening only changes which statistics later stages read)."""
-    return {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+from dag import (
+    PREHAB_METHODS, core_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_partner, prehab_report_inputs,
+    prehab_settings, rehab_spec, runtime_min_for, runtime_spec, source_manifest,
+)
 
 
 rule prehab:
@@ -35,14 +35,6 @@ rule prehab:
         "../scripts/prehab.py"
 
 
-def rehab_spec(wc):
-    return config["methods"][wc.method]["rehab"]
-
-
-def last_stage(wc):
-    return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
-
-
 rule rehab:
     """Fine-tune the low-rank factors of the method's last stage on the calibration windows."""
     input:
@@ -67,30 +59,6 @@ rule rehab:
         gpu=gpus_for,
     script:
         "../scripts/rehab.py"
-
-
-def prehab_partner(method):
-    """The same recipe without prehab / rehab, when the config has one (the 'without prehab' column)."""
-    spec = {k: v for k, v in config["methods"][method].items() if k not in ("prehab", "rehab")}
-    for other in METHODS:
-        o = config["methods"][other]
-        if source_of(other) == "pretrained" and {k: v for k, v in o.items() if k not in ("prehab", "rehab")} == spec:
-            return other
-    return None
-
-
-def prehab_report_inputs(wc=None):
-    pairs = [(m, prehab_partner(m)) for m in PREHAB_METHODS]
-    with_ = [f"results/{mo}/{m}/{r}/eval/ppl.json" for mo in MODELS for m, _ in pairs for r in RATIOS]
-    without = [f"results/{mo}/{p}/{r}/eval/ppl.json" for mo in MODELS for _, p in pairs if p for r in RATIOS]
-    return {
-        "dense_before": expand("results/{model}/pretrained/eval/ppl.json", model=MODELS),
-        "dense_after": expand("results/{model}/prehab/eval/ppl.json", model=MODELS),
-        "prehab": expand("results/{model}/prehab/manifest.json", model=MODELS),
-        "spectra": expand("results/{model}/prehab/spectra.safetensors", model=MODELS),
-        "with_prehab": with_,
-        "without_prehab": without,
-    }
 
 
 localrules:

@@ -1,3 +1,6 @@
+from dag import core_fingerprint, mem_mb_for, model_spec, runtime_min_for, source_fingerprint_of
+
+
 rule pretrained:
     """The source model: a GGUF or random-init model is written once as a Hugging Face folder; a local folder is
     only referenced (a 70B checkpoint is never copied)."""

@@ -1,5 +1,7 @@
-def refine_spec(wc):
-    return method_spec(wc)["refine"]
+from dag import (
+    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, refine_spec, runtime_min_for, runtime_spec,
+    source_manifest, stages_of,
+)
 
 
 rule refine:

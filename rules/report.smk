@@ -1,3 +1,6 @@
+from dag import METHODS, MODELS, RATIOS, core_fingerprint, speed_models, zeroshot_models
+
+
 localrules:
     summarize,
 

@@ -1,3 +1,11 @@
+from dag import (
+    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, runtime_min_for, runtime_spec, scoring_inputs,
+    scoring_options,
+)
+from lowrank.scoring import SCORERS
+from lowrank.spaces import SPACES
+
+
 rule score_components:
     """Per-component scores of every target in one whitening space (ratio-independent, shared by every ratio)."""
     input:

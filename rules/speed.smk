@@ -1,13 +1,6 @@
 # Generation speed, peak memory and bytes on disk of the dense and every compressed model.
 
-
-def speed_models():
-    return MODELS if config["evaluation"]["speed"]["enabled"] else []
-
-
-def speed_spec(wc=None):
-    s = config["evaluation"]["speed"]
-    return {k: v for k, v in s.items() if k != "enabled"}
+from dag import core_fingerprint, final_compressed, gpus_for, mem_mb_for, runtime_min_for, runtime_spec, speed_spec
 
 
 rule measure_speed_source:

@@ -1,3 +1,10 @@
+from dag import (
+    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, method_spec, runtime_min_for, runtime_spec,
+    shared_decomposition, source_manifest, stats_for_method, whitening_stats,
+)
+from lowrank.spaces import SPACES
+
+
 rule decompose:
     """Every target's components in one space: the thin SVD T^T W S = U Sigma V^T as W = P_out Sigma P_in^T
     (P_out = T^-T U, P_in^T = V^T S^-1 in float32, sigma in float64), read by every truncation and quantize job of
