@@ -34,7 +34,7 @@ from torch import nn
 
 from .blocks import BlockInputs, capture_block_inputs, offload_block_inputs, stream_blocks, targets_by_block
 from .gradients import calibration_gradients
-from .grams import gram_update
+from .grams import gram_update, resolve_precision
 from .model import Target, find_targets
 from .output_metric import collect_output_kl
 from .sensitivity import CANDIDATE_RATIOS, measure_sensitivity
@@ -118,8 +118,12 @@ def _collect_per_input(model: nn.Module, windows: torch.Tensor, batch_size: int,
 
 
 def collect_input_grams(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-                        targets: list[Target] | None = None) -> InputGrams:
-    """Input second moments ``C = XᵀX/N`` of every target, one per distinct input tensor, streamed block by block."""
+                        targets: list[Target] | None = None, precision: str = "auto") -> InputGrams:
+    """Input second moments ``C = XᵀX/N`` of every target, one per distinct input tensor, streamed block by block.
+
+    ``precision``: how each batch's ``XᵀX`` is formed before it is added to the float64 sum (:mod:`lowrank.grams`:
+    ``float64``, ``mixed``, or ``auto`` = mixed on CUDA, float64 elsewhere)."""
+    resolve_precision(precision, torch.device(device))  # a bad value fails before the model runs
     G: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
 
@@ -127,7 +131,7 @@ def collect_input_grams(model: nn.Module, windows: torch.Tensor, batch_size: int
         if group not in G:
             G[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             tokens[group] = 0
-        gram_update(G[group], x)  # float64 sum; per-batch product in float32 on CUDA (lowrank.grams)
+        gram_update(G[group], x, precision)  # float64 sum; per-batch product as `precision` says
         tokens[group] += x.shape[0]
 
     def finish_group(group: str) -> None:

@@ -132,10 +132,12 @@ def closure(start: set[str], edges: Edges) -> set[str]:
     return done
 
 
-def code_fingerprint(script: str | os.PathLike, package: Path = PACKAGE) -> str:
+def code_fingerprint(script: str | os.PathLike, package: Path = PACKAGE, edges: Edges | None = None) -> str:
     """Short sha256 of every lowrank module ``script`` can run (its import closure, plus the package's
-    ``__init__``): editing one of them reruns exactly the rules whose scripts reach it."""
-    edges, _ = import_graph(package)
+    ``__init__``): editing one of them reruns exactly the rules whose scripts reach it. ``edges``: the package's
+    import graph when the caller has it already (:func:`import_graph`)."""
+    if edges is None:
+        edges, _ = import_graph(package)
     h = hashlib.sha256()
     for m in sorted(closure(imported_modules(script, package), edges) | {"__init__"}):
         h.update(m.encode())

@@ -26,7 +26,7 @@ from torch import nn
 from .factorized import LowRankLinear
 from .model import find_blocks, load_model, model_path
 
-__all__ = ["lazy_from_env", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "block_of", "place_block",
+__all__ = ["lazy_setting", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "block_of", "place_block",
            "release_block", "checkpoint_bytes", "load_model_streaming"]
 
 log = logging.getLogger(__name__)
@@ -179,16 +179,14 @@ def _available_bytes() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def lazy_from_env() -> bool | None:
-    """``LOWRANK_LAZY_LOAD``: ``1`` always lazy, ``0`` never, unset/``auto``: by size (results are identical)."""
-    v = os.environ.get("LOWRANK_LAZY_LOAD", "auto").strip().lower()
-    if v in ("", "auto"):
+def lazy_setting(value: bool | str | None) -> bool | None:
+    """The ``lazy`` argument of :func:`load_model_streaming` from the config's ``runtime.lazy_load``: ``true``
+    always lazy, ``false`` never, ``auto`` (or ``None``) by size. The results are identical either way."""
+    if value is None or value == "auto":
         return None
-    if v in ("1", "true", "yes"):
-        return True
-    if v in ("0", "false", "no"):
-        return False
-    raise ValueError(f"LOWRANK_LAZY_LOAD must be 1, 0 or auto, got {v!r}")
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"runtime.lazy_load must be true, false or auto, got {value!r}")
 
 
 def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = torch.float32,

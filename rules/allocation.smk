@@ -1,4 +1,4 @@
-from dag import allocator_stats, core_fingerprint, method_spec, ratio_value, scores_for
+from dag import allocator_stats, code_fingerprint, method_spec, ratio_value, scores_for
 
 
 rule allocate:
@@ -12,7 +12,7 @@ rule allocate:
         allocator=lambda wc: method_spec(wc)["allocator"],
         min_rank_fraction=lambda wc: method_spec(wc)["min_rank_fraction"],
         ratio=ratio_value,
-        core=core_fingerprint("allocation", "accounting"),
+        core=code_fingerprint("allocate"),
     log:
         "logs/allocate/{model}/{method}/{ratio}.log",
     benchmark:

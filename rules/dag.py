@@ -9,7 +9,6 @@ two module globals when a rule calls it. The numerics stay in ``lowrank`` (which
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from snakemake.io import expand
 from snakemake.logging import logger
 from snakemake.resources import Resource
 
+import lowrank.codegraph
 import lowrank.data
 import lowrank.io
 import lowrank.model
@@ -123,12 +123,16 @@ def ratio_label(r):
 # ---- config slices: each rule's params hold only what can change its output ----------------------------------------
 
 
-def core_fingerprint(*modules):
-    """Short sha256 of the lowrank modules a rule runs: editing one reruns exactly the rules that use it."""
-    h = hashlib.sha256()
-    for m in sorted(set(modules) | {"runtime", "io"}):
-        h.update((REPO / "lowrank" / f"{m}.py").read_bytes())
-    return h.hexdigest()[:12]
+@functools.cache
+def _import_graph():
+    return lowrank.codegraph.import_graph(REPO / "lowrank")[0]
+
+
+@functools.cache
+def code_fingerprint(script: str) -> str:
+    """Short sha256 of every lowrank module scripts/<script>.py can run (its import closure, read from the source:
+    lowrank.codegraph): editing a module reruns exactly the rules whose scripts reach it."""
+    return lowrank.codegraph.code_fingerprint(REPO / "scripts" / f"{script}.py", REPO / "lowrank", _import_graph())
 
 
 def model_spec(wc):
@@ -149,7 +153,8 @@ def split_spec(wc):
 
 
 def runtime_spec(wc=None):
-    return config["runtime"]
+    """device, dtype, seed: what every model-loading rule's output depends on (lazy_load changes no result)."""
+    return {k: v for k, v in config["runtime"].items() if k != "lazy_load"}
 
 
 def calibration_slice(wc):

@@ -1,4 +1,4 @@
-from dag import core_fingerprint, split_spec
+from dag import code_fingerprint, split_spec
 
 
 rule token_windows:
@@ -10,7 +10,7 @@ rule token_windows:
     params:
         split=lambda wc: wc.split,
         spec=split_spec,
-        core=core_fingerprint("data", "model", "factorized", "accounting"),
+        core=code_fingerprint("token_windows"),
     log:
         "logs/token_windows/{model}/{split}.log",
     benchmark:

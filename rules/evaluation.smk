@@ -1,4 +1,4 @@
-from dag import core_fingerprint, final_compressed, gpus_for, mem_mb_for, runtime_min_for, runtime_spec
+from dag import code_fingerprint, final_compressed, gpus_for, mem_mb_for, runtime_min_for, runtime_spec
 
 
 rule evaluate_source:
@@ -11,7 +11,7 @@ rule evaluate_source:
     params:
         batch_size=config["evaluation"]["batch_size"],
         runtime=runtime_spec,
-        core=core_fingerprint("evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_ppl"),
     log:
         "logs/evaluate_source/{model}/{source}.log",
     benchmark:
@@ -35,7 +35,7 @@ rule evaluate_compressed:
     params:
         batch_size=config["evaluation"]["batch_size"],
         runtime=runtime_spec,
-        core=core_fingerprint("evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_ppl"),
     log:
         "logs/evaluate_compressed/{model}/{method}/{ratio}.log",
     benchmark:

@@ -1,7 +1,7 @@
 # Self-contained Hugging Face folders of the final compressed models (lowrank.hf_format).
 
 from dag import (
-    calibration_slice, core_fingerprint, final_compressed, mem_mb_for, method_spec, model_spec, runtime_min_for,
+    calibration_slice, code_fingerprint, final_compressed, mem_mb_for, method_spec, model_spec, runtime_min_for,
     runtime_spec, source_manifest,
 )
 
@@ -21,8 +21,7 @@ rule export_hf_folder:
         method=method_spec,
         calibration=calibration_slice,
         runtime=runtime_spec,
-        core=core_fingerprint("export", "hf_format", "checkpoint", "model", "factorized", "quantized_linear",
-                              "quantization"),
+        core=code_fingerprint("export_hf_folder"),
     log:
         "logs/export_hf_folder/{model}/{method}/{ratio}.log",
     benchmark:

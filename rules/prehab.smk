@@ -1,7 +1,7 @@
 # Low-Rank Prehab (a source model, results/{model}/prehab) and rehab (a fine-tune of compressed factors).
 
 from dag import (
-    PREHAB_METHODS, core_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_partner, prehab_report_inputs,
+    PREHAB_METHODS, code_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_partner, prehab_report_inputs,
     prehab_settings, rehab_spec, runtime_min_for, runtime_spec, source_manifest,
 )
 
@@ -20,8 +20,7 @@ rule prehab:
         settings=prehab_settings,
         damping=config["whitening"]["damping"],
         runtime=runtime_spec,
-        core=core_fingerprint("prehab", "finetune", "gradients", "whitening", "calibration", "model", "factorized",
-                              "accounting"),
+        core=code_fingerprint("prehab"),
     log:
         "logs/prehab/{model}.log",
     benchmark:
@@ -47,7 +46,7 @@ rule rehab:
     params:
         rehab=rehab_spec,
         runtime=runtime_spec,
-        core=core_fingerprint("rehab", "finetune", "gradients", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("rehab"),
     log:
         "logs/rehab/{model}/{method}/{ratio}.log",
     benchmark:
@@ -75,7 +74,7 @@ rule prehab_report:
         plot="results/summary/plots/prehab_spectra.png",
     params:
         pairs=lambda wc: {m: prehab_partner(m) for m in PREHAB_METHODS},
-        core=core_fingerprint("report"),
+        core=code_fingerprint("prehab_report"),
     log:
         "logs/prehab_report.log",
     threads: 1

@@ -1,4 +1,4 @@
-from dag import core_fingerprint, mem_mb_for, model_spec, runtime_min_for, source_fingerprint_of
+from dag import code_fingerprint, mem_mb_for, model_spec, runtime_min_for, source_fingerprint_of
 
 
 rule pretrained:
@@ -10,7 +10,7 @@ rule pretrained:
     params:
         spec=model_spec,
         fingerprint=source_fingerprint_of,  # content of local model files: a rewrite reruns what depends on it
-        core=core_fingerprint("model", "factorized", "accounting"),
+        core=code_fingerprint("pretrained"),
     log:
         "logs/pretrained/{model}.log",
     benchmark:

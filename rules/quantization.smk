@@ -1,5 +1,5 @@
 from dag import (
-    core_fingerprint, gpus_for, mem_mb_for, method_spec, ratio_value, runtime_min_for, runtime_spec, scores_for,
+    code_fingerprint, gpus_for, mem_mb_for, method_spec, ratio_value, runtime_min_for, runtime_spec, scores_for,
     shared_decomposition, source_manifest, stats_for_method,
 )
 
@@ -22,9 +22,7 @@ rule quantize:
         decomposition=config["decomposition"]["method"],
         ratio=ratio_value,
         runtime=runtime_spec,
-        core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces",
-                              "whitening", "output_metric", "checkpoint", "calibration", "model", "factorized",
-                              "accounting", "decompose"),
+        core=code_fingerprint("quantize"),
     log:
         "logs/quantize/{model}/{method}/{ratio}.log",
     benchmark:

@@ -1,5 +1,5 @@
 from dag import (
-    core_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, runtime_min_for, runtime_spec, scoring_inputs,
+    code_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, runtime_min_for, runtime_spec, scoring_inputs,
     scoring_options,
 )
 from lowrank.scoring import SCORERS
@@ -20,8 +20,8 @@ rule score_components:
         scoring=scoring_options,
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
-        core=core_fingerprint("scoring", "gradients", "spaces", "whitening", "calibration", "model", "factorized",
-                              "accounting", "decompose", "streaming", "sharded"),
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
+        core=code_fingerprint("score_components"),
     wildcard_constraints:
         scorer="|".join(SCORERS),
         whitening="|".join(SPACES),

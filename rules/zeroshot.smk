@@ -2,7 +2,7 @@
 # and compressed model is wrapped in lm-eval's HFLM in-process.
 
 from dag import (
-    core_fingerprint, final_compressed, gpus_for, mem_mb_for, next_line_corpus, runtime_min_for, runtime_spec,
+    code_fingerprint, final_compressed, gpus_for, mem_mb_for, next_line_corpus, runtime_min_for, runtime_spec,
     zeroshot_params, zeroshot_spec, zeroshot_task_files,
 )
 from lowrank.zeroshot import NEXT_LINE_TASK
@@ -18,7 +18,7 @@ rule next_line_task:
         report(f"results/tasks/{NEXT_LINE_TASK}.jsonl", category="Zero-shot", labels={"file": "task items"}),
     params:
         task=lambda wc: {**zeroshot_spec()["next_line"], "corpus": next_line_corpus()},
-        core=core_fingerprint("zeroshot", "data"),
+        core=code_fingerprint("next_line_task"),
     log:
         f"logs/next_line_task/{NEXT_LINE_TASK}.log",
     threads: 1
@@ -36,7 +36,7 @@ rule evaluate_zeroshot_source:
     params:
         zeroshot=zeroshot_params,
         runtime=runtime_spec,
-        core=core_fingerprint("zeroshot", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_zeroshot"),
     log:
         "logs/evaluate_zeroshot_source/{model}/{source}.log",
     benchmark:
@@ -60,7 +60,7 @@ rule evaluate_zeroshot:
     params:
         zeroshot=zeroshot_params,
         runtime=runtime_spec,
-        core=core_fingerprint("zeroshot", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_zeroshot"),
     log:
         "logs/evaluate_zeroshot/{model}/{method}/{ratio}.log",
     benchmark:

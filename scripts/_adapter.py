@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from lowrank.runtime import parse_dtype, resolve_device, seed_everything, set_threads, setup_logging
+from lowrank.sharded import lazy_setting
 from lowrank.statistics import STAT_LOADERS, load_stat
 
 
@@ -38,6 +39,12 @@ def stage(smk: Any) -> Iterator[Stage]:
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
+
+
+def lazy_load(smk: Any) -> bool | None:
+    """The rule's ``lazy_load`` param (config ``runtime.lazy_load``) as :func:`lowrank.sharded.load_model_streaming`
+    takes it: True / False, or None = by size."""
+    return lazy_setting(param(smk, "lazy_load", "auto"))
 
 
 def load_stats(smk: Any) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Rule calibration_stats: one statistic kind of the source model over the calibration windows."""
 
-from _adapter import stage
+from _adapter import lazy_load, stage
 
 from lowrank.calibration import STATS
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import load_model
-from lowrank.sharded import lazy_from_env, load_model_streaming
+from lowrank.sharded import load_model_streaming
 
 
 def run(smk) -> None:
@@ -13,7 +13,7 @@ def run(smk) -> None:
         kind, options = smk.params.stat, dict(smk.params.options)
         # a statistic computed block by block works on a lazy, larger-than-memory model
         streamed = STATS[kind].streamed
-        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env()) if streamed
+        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk)) if streamed
                  else load_model(smk.input.manifest, dtype=st.dtype))
         windows = load_tensors(smk.input.windows)[0]["tokens"]
         stats = STATS[kind].collect(model, windows, smk.params.batch_size, st.device, **options)
