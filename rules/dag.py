@@ -25,9 +25,9 @@ import lowrank.data
 import lowrank.io
 import lowrank.model
 from lowrank.accounting import TargetShape
-from lowrank.allocation import ALLOCATOR_STATS, GREEDY_ALLOCATORS, check_recipes_reachable
+from lowrank.allocation import ALLOCATOR_STATS, check_recipes_reachable
 from lowrank.prehab import PrehabConfig
-from lowrank.refine import check_recipe
+from lowrank.recipes import Recipe
 from lowrank.scoring import SCORERS
 from lowrank.spaces import SPACES
 from lowrank.zeroshot import NEXT_LINE_TASK
@@ -42,6 +42,7 @@ MODELS: list[str] = []
 METHODS: list[str] = []
 RATIOS: list[str] = []  # two-decimal labels, the {ratio} folders
 PREHAB_METHODS: list[str] = []
+RECIPES: dict[str, Recipe] = {}  # methods.<name> as typed recipes, built once (setup) with their cross-field rules
 
 
 def setup(cfg: dict[str, Any], wf: Any) -> None:
@@ -54,10 +55,8 @@ def setup(cfg: dict[str, Any], wf: Any) -> None:
     MODELS[:] = list(config["models"])
     METHODS[:] = list(config["methods"])
     RATIOS[:] = [ratio_label(r) for r in config["ratios"]]
-    _check_refine_config()
     PREHAB_METHODS[:] = [m for m in METHODS if source_of(m) == "prehab"]
     _check_prehab_config()
-    _check_quantize_config()
     _check_zeroshot_config()
 
 
@@ -69,10 +68,7 @@ def _check_config():
     for name, m in config["methods"].items():
         if name in RESERVED:
             raise ValueError(f"method name {name!r} is reserved for a results folder; rename it")
-        if m["allocator"] in GREEDY_ALLOCATORS and m["scorer"] == "sigma":
-            raise ValueError(f"method {name!r}: allocator {m['allocator']!r} ranks components across matrices by "
-                             "their predicted loss change; use scorer first_order or second_order (sigma values "
-                             "of different matrices are not comparable)")
+        RECIPES[name] = Recipe.from_dict(name, m)  # the rules between a recipe's fields (lowrank.recipes)
     for r in config["ratios"]:  # the {ratio} folder must say the kept fraction the allocation uses
         if abs(float(r) * 100 - round(float(r) * 100)) > 1e-9:
             raise ValueError(f"ratio {r} has more than two decimals: its folder would be {ratio_label(r)} but the "
@@ -204,15 +200,15 @@ def scoring_options(wc):
 
 
 def stages_of(method):
-    return config["methods"][method]["correction"]["stages"]
+    return RECIPES[method].correction.stages
 
 
 def final_compressed(wc):
     """The last stage of a method: stage0 (truncation) unless the recipe asks for projected corrections; the
     quantize stage's final/ when the recipe asks for int8 storage, the rehab folder when it fine-tunes its
     factors, or the refine folder when it refines them block by block (the three exclude each other:
-    _check_refine_config)."""
-    if method_spec(wc).get("quantize", {}).get("mode", "none") != "none":
+    lowrank.recipes)."""
+    if RECIPES[wc.method].quantize.mode != "none":
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/final/manifest.json"
     if rehab_steps(wc.method) > 0:
         return f"results/{wc.model}/{wc.method}/{wc.ratio}/rehab/manifest.json"
@@ -392,7 +388,7 @@ def gpu_mem_mb_for(wc, attempt):
 
 def source_of(method):
     """The model a recipe compresses, and whose statistics / scores / truncation it uses: prehab or pretrained."""
-    return "prehab" if config["methods"][method].get("prehab", False) else "pretrained"
+    return RECIPES[method].source
 
 
 def stats_source(source):
@@ -424,17 +420,12 @@ def shared_decomposition(wc):
 
 
 def rehab_steps(method):
-    return config["methods"][method].get("rehab", {}).get("steps", 0)
+    return RECIPES[method].rehab.steps
 
 
 def refine_mode(method):
-    return config["methods"][method].get("refine", {}).get("mode", "none")
-
-
-def _check_refine_config():
-    """A refine section that cannot run, named with its fix (lowrank.refine.check_recipe)."""
-    for name, m in config["methods"].items():
-        check_recipe(name, m)
+    refine = RECIPES[method].refine
+    return "none" if refine is None else refine.mode
 
 
 def prehab_targets():
@@ -445,14 +436,9 @@ def prehab_targets():
 
 
 def _check_prehab_config():
-    """Bad prehab input, named with its fix: settings out of range, a prehab recipe without statistics."""
+    """Bad prehab settings, named with their fix."""
     settings = {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
-    PrehabConfig.from_dict(settings)  # raises ValueError naming the bad value
-    for name, m in config["methods"].items():
-        if m.get("prehab") and SPACES[m["whitening"]].stat is None:
-            raise ValueError(f"method {name!r} has prehab: true but whitening {m['whitening']!r}, which reads no "
-                             "calibration statistics: prehab shapes the spectrum of W S in the input_gram space, "
-                             "so compress it there. Set whitening: input_gram (or drop prehab from the recipe)")
+    PrehabConfig.from_dict(settings)  # raises ValueError naming the bad value (a recipe's own rules: Recipe)
 
 
 # ---- calibration statistics ----------------------------------------------------------------------------------------
@@ -467,24 +453,6 @@ def stat_options(wc):
 
 
 # ---- quantize stage ------------------------------------------------------------------------------------------------
-
-
-def _check_quantize_config():
-    """Recipes with a quantize stage: a greedy allocator orders the components; no correction stages."""
-    for name, m in config["methods"].items():
-        mode = m.get("quantize", {}).get("mode", "none")
-        if mode == "none":
-            continue
-        if m["allocator"] not in GREEDY_ALLOCATORS:
-            raise ValueError(f"method {name!r}: quantize.mode {mode!r} re-allocates ranks under the byte budget "
-                             f"with a greedy allocator; set allocator to zero_sum or min_abs (not "
-                             f"{m['allocator']!r})")
-        if m.get("rehab", {}).get("steps", 0) > 0:
-            raise ValueError(f"method {name!r}: rehab fine-tunes float factors, which the quantize stage replaces; "
-                             "set rehab.steps to 0 or remove quantize")
-        if m["correction"]["stages"] > 0:
-            raise ValueError(f"method {name!r}: quantize after correction stages is not supported; set "
-                             "correction.stages to 0 or remove quantize")
 
 
 # ---- zero-shot accuracy (lm-eval) ----------------------------------------------------------------------------------
