@@ -52,11 +52,11 @@ include: "rules/refine.smk"
 include: "rules/export.smk"
 
 
-gpu_only_resources()  # the profile's gpu_model / cpus_per_gpu reach only the jobs that ask for a GPU
+dag.gpu_only_resources()  # the profile's gpu_model / cpus_per_gpu reach only the jobs that ask for a GPU
 
 
 rule all:
     input:
-        final_targets(),
-        hf_folder_targets(),
+        dag.final_targets(),
+        dag.hf_folder_targets(),
     default_target: True

@@ -54,7 +54,8 @@ from lowrank.gradients import causal_lm_loss  # noqa: E402
 from lowrank.model import find_targets, linear_weight  # noqa: E402
 from lowrank.resume import truncate_blocks  # noqa: E402
 from lowrank.runtime import DTYPES  # noqa: E402
-from lowrank.sharded import for_each_block, load_lazy_model  # noqa: E402
+from lowrank.blocks import for_each_block  # noqa: E402
+from lowrank.sharded import load_lazy_model  # noqa: E402
 from lowrank.spaces import input_factor  # noqa: E402
 from lowrank.streaming import fused_scores  # noqa: E402
 from lowrank.whitening import whiten  # noqa: E402
@@ -186,7 +187,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     # results that grow with depth by nature (held on the host until written): fp64 Grams, the factors, and the
     # streamed gradients' boundary activations (offloaded: one per block + 1)
     from lowrank.factorized import LowRankLinear
-    from lowrank.streaming import boundary_bytes
+    from lowrank.blocks import boundary_bytes
 
     held = (sum(c.numel() * 8 for c in grams.C.values())
             + sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, LowRankLinear)

@@ -16,6 +16,7 @@ __all__ = [
     "factored_params",
     "breakeven_rank",
     "stored_params",
+    "uniform_rank",
     "bytes_per_element",
     "Budget",
 ]
@@ -60,6 +61,18 @@ def breakeven_rank(shape: TargetShape) -> int:
 def stored_params(shape: TargetShape, rank: int | None) -> int:
     """Parameters actually stored: dense when ``rank is None``, factored otherwise."""
     return dense_params(shape) if rank is None else factored_params(shape, rank)
+
+
+def uniform_rank(shape: TargetShape, kept_fraction: float) -> int | None:
+    """The rank that keeps the fraction ``ρ`` of one matrix's parameters (SVD-LLM's uniform rule):
+    ``k = ⌊(ρ · P_dense − b) / (m + n)⌋`` (``b`` the bias, kept dense), clipped to ``[1, r*]``; ``None`` (dense)
+    when ``ρ ≥ 1`` or the matrix is too small to factor (``r* < 1``)."""
+    r_star = breakeven_rank(shape)
+    if kept_fraction >= 1.0 or r_star < 1:
+        return None
+    bias = shape.m if shape.bias else 0
+    k = int((kept_fraction * dense_params(shape) - bias) // (shape.m + shape.n))
+    return max(1, min(k, r_star))
 
 
 def bytes_per_element(dtype: str) -> int:

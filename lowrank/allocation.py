@@ -15,11 +15,14 @@ from typing import Any, Callable
 
 import torch
 
-from .accounting import Budget, TargetShape, breakeven_rank, dense_params, factored_params, stored_params
+from .accounting import (Budget, TargetShape, breakeven_rank, dense_params, factored_params, stored_params,
+                         uniform_rank)
+from .statistics import Sensitivity
 
-__all__ = ["Allocation", "ALLOCATORS", "ALLOCATOR_STATS", "allocate", "check_scores", "min_kept_fraction",
-           "check_reachable", "check_recipes_reachable", "GreedyTails", "allocate_uniform",
-           "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks"]
+__all__ = ["Allocation", "Allocator", "ALLOCATORS", "ALLOCATOR_STATS", "GREEDY_ALLOCATORS", "allocate",
+           "check_scores", "min_kept_fraction", "check_reachable", "check_recipes_reachable", "GreedyTails",
+           "allocate_uniform", "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks",
+           "sensitivity_ranks"]
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,9 @@ class Allocation:
 
 def allocate_uniform(shapes: dict[str, TargetShape], kept_fraction: float,
                      scores: dict[str, torch.Tensor] | None = None) -> dict[str, int | None]:
-    """Same kept fraction for every matrix (SVD-LLM); ``scores`` are not read."""
-    ranks: dict[str, int | None] = {}
-    for name, s in shapes.items():
-        r_star = breakeven_rank(s)
-        if kept_fraction >= 1.0 or r_star < 1:
-            ranks[name] = None
-            continue
-        bias = s.m if s.bias else 0
-        k = int((kept_fraction * dense_params(s) - bias) // (s.m + s.n))
-        ranks[name] = max(1, min(k, r_star))
-    return ranks
+    """Same kept fraction for every matrix (SVD-LLM, :func:`lowrank.accounting.uniform_rank`); ``scores`` are not
+    read."""
+    return {name: uniform_rank(s, kept_fraction) for name, s in shapes.items()}
 
 
 def check_scores(shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor]) -> None:
@@ -213,25 +208,79 @@ def allocate_min_abs(shapes: dict[str, TargetShape], kept_fraction: float,
     return greedy_ranks(shapes, kept_fraction, scores, "min_abs", min_rank_fraction)[0]
 
 
+def sensitivity_ranks(shapes: dict[str, TargetShape], sensitivity: Sensitivity, kept_fraction: float
+                      ) -> dict[str, int | None]:
+    """Ranks from ASVD's binary search: the largest perplexity cut whose kept parameters fit ``⌊ρ D⌋``.
+
+    Raises ``ValueError`` when even every target at its smallest candidate ratio exceeds the budget.
+    """
+    missing = [n for n in shapes if n not in sensitivity.ppl]
+    if missing:
+        raise ValueError(f"no sensitivity for {len(missing)} targets, e.g. {missing[:2]}; recompute the "
+                         "asvd_sensitivity statistics of this model")
+    order = list(shapes)
+    triples = sorted(((float(sensitivity.ppl[n][j]), order.index(n), j) for n in shapes
+                      for j in range(len(sensitivity.ratios))), key=lambda x: (-x[0], x[1], x[2]))
+    total = sum(stored_params(s, None) for s in shapes.values())
+    budget = int(kept_fraction * total)
+
+    def choice(cut: int) -> dict[str, int | None]:
+        smallest: dict[str, float] = {}
+        for _, i, j in triples[cut:]:
+            n = order[i]
+            smallest[n] = min(smallest.get(n, 1.0), sensitivity.ratios[j])
+        return {n: uniform_rank(shapes[n], smallest[n]) if n in smallest else None for n in shapes}
+
+    def kept(cut: int) -> int:
+        return sum(stored_params(shapes[n], r) for n, r in choice(cut).items())
+
+    if kept_fraction >= 1.0:
+        return {n: None for n in shapes}
+    if kept(0) > budget:
+        raise ValueError(f"kept fraction {kept_fraction} is below what the smallest candidate ratio "
+                         f"{min(sensitivity.ratios)} everywhere keeps; add smaller candidate ratios or raise it")
+    lo, hi = 0, len(triples)  # kept(lo) <= budget; find the largest such cut
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if kept(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return choice(lo)
+
+
 def allocate_sensitivity(shapes: dict[str, TargetShape], kept_fraction: float,
-                         scores: dict[str, torch.Tensor] | None = None, sensitivity: Any = None,
+                         scores: dict[str, torch.Tensor] | None = None, sensitivity: Sensitivity | None = None,
                          **_: Any) -> dict[str, int | None]:
-    """ASVD's rank choice: binary search over the per-target sensitivity table (:mod:`lowrank.sensitivity`)."""
+    """ASVD's rank choice: binary search over the per-target sensitivity table (:func:`sensitivity_ranks`)."""
     if sensitivity is None:
         raise ValueError("allocator sensitivity needs the asvd_sensitivity statistics")
-    from .sensitivity import sensitivity_ranks  # sensitivity builds on this module
-
     return sensitivity_ranks(shapes, sensitivity, kept_fraction)
 
 
-ALLOCATORS: dict[str, Callable[..., dict[str, int | None]]] = {
-    "uniform": allocate_uniform,
-    "zero_sum": allocate_zero_sum,
-    "min_abs": allocate_min_abs,
-    "sensitivity": allocate_sensitivity,
+@dataclass(frozen=True)
+class Allocator:
+    """One rank allocator. ``ranks(shapes, kept_fraction, scores[, extra])`` returns ``{target: rank or None}``;
+    ``greedy``: it removes components one at a time in the order of their predicted loss change (so it needs
+    first- or second-order scores, floors every matrix at ``min_rank_fraction``, and the quantize stage can
+    re-allocate with it under a byte budget: the extra argument is ``min_rank_fraction``); ``stat``: the
+    calibration statistic it reads besides the scores (the extra argument), if any."""
+
+    ranks: Callable[..., dict[str, int | None]]
+    greedy: bool = False
+    stat: str | None = None
+
+
+# the registry: adding an allocator is one entry here (and its name in the schema's enum)
+ALLOCATORS: dict[str, Allocator] = {
+    "uniform": Allocator(allocate_uniform),
+    "zero_sum": Allocator(allocate_zero_sum, greedy=True),
+    "min_abs": Allocator(allocate_min_abs, greedy=True),
+    "sensitivity": Allocator(allocate_sensitivity, stat="asvd_sensitivity"),
 }
-# the calibration statistic an allocator reads (besides the scores)
-ALLOCATOR_STATS: dict[str, str] = {"sensitivity": "asvd_sensitivity"}
+# allocator -> the calibration statistic it reads besides the scores
+ALLOCATOR_STATS: dict[str, str] = {name: a.stat for name, a in ALLOCATORS.items() if a.stat is not None}
+GREEDY_ALLOCATORS: tuple[str, ...] = tuple(name for name, a in ALLOCATORS.items() if a.greedy)
 
 
 def min_kept_fraction(shapes: list[TargetShape], min_rank_fraction: float = 0.0) -> float:
@@ -264,7 +313,7 @@ def check_recipes_reachable(shapes: list[TargetShape], ratios: list[float], meth
     """:func:`check_reachable` for every recipe (``methods.<name>`` config entries) and ratio on one model; the
     greedy allocators' floor is the recipe's ``min_rank_fraction``, the others' is rank 1."""
     for name, m in methods.items():
-        f = float(m.get("min_rank_fraction", 0.0)) if m.get("allocator") in ("zero_sum", "min_abs") else 0.0
+        f = float(m.get("min_rank_fraction", 0.0)) if m.get("allocator") in GREEDY_ALLOCATORS else 0.0
         for r in ratios:
             check_reachable(shapes, float(r), f, f"model {model!r}, method {name!r}: ")
 
@@ -282,15 +331,15 @@ def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: floa
     if not 0.0 <= min_rank_fraction < 1.0:
         raise ValueError(f"min_rank_fraction must be in [0, 1), got {min_rank_fraction}")
     budget = Budget(kept_fraction, sum(dense_params(s) for s in shapes.values()))
-    if allocator == "uniform":
-        ranks = allocate_uniform(shapes, kept_fraction, scores)
-    elif allocator in ALLOCATOR_STATS:
-        stat = ALLOCATOR_STATS[allocator]
-        if not stats or stat not in stats:
-            raise ValueError(f"allocator {allocator!r} needs the {stat!r} statistics")
-        ranks = ALLOCATORS[allocator](shapes, kept_fraction, scores, sensitivity=stats[stat])
+    spec = ALLOCATORS[allocator]
+    if spec.stat is not None:
+        if not stats or spec.stat not in stats:
+            raise ValueError(f"allocator {allocator!r} needs the {spec.stat!r} statistics")
+        ranks = spec.ranks(shapes, kept_fraction, scores, stats[spec.stat])
+    elif spec.greedy:
+        ranks = spec.ranks(shapes, kept_fraction, scores, min_rank_fraction)
     else:
-        ranks = ALLOCATORS[allocator](shapes, kept_fraction, scores, min_rank_fraction=min_rank_fraction)
+        ranks = spec.ranks(shapes, kept_fraction, scores)
     alloc = Allocation(budget=budget, ranks=ranks, shapes=dict(shapes))
     # a rank-1 floor can exceed a tiny budget; say so instead of silently overspending
     if alloc.kept_params > budget.max_kept_params and kept_fraction < 1.0:

@@ -18,7 +18,8 @@ from torch import nn
 from . import __version__
 from .factorized import LowRankLinear
 from .io import load_tensors, read_json, save_tensors, write_json
-from .model import load_model, swap_in_low_rank
+from .model import load_model, replace_module, swap_in_low_rank
+from .quantized_linear import QuantizedLinear
 
 __all__ = ["save_compressed", "load_compressed", "factor_state", "save_quantized", "QUANTIZED_FORMAT"]
 
@@ -102,8 +103,6 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_p
     must equal ``accounted_bytes`` (the byte accounting of :mod:`lowrank.quantization`); a mismatch raises before
     anything is written.
     """
-    from .quantized_linear import QuantizedLinear
-
     out_dir = Path(out_dir)
     tensors: dict[str, torch.Tensor] = {}
     layouts: dict[str, Any] = {}
@@ -138,9 +137,6 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_p
 
 def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
                     device: torch.device | str) -> nn.Module:
-    from .model import replace_module
-    from .quantized_linear import QuantizedLinear
-
     model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
     for name, lay in manifest["layouts"].items():
         replace_module(model, name, QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"],

@@ -14,6 +14,7 @@ itself logs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -137,10 +138,12 @@ def run_snakemake(argv: list[str], stream=sys.stdout) -> bool:
         parent.removeHandler(handler)
 
 
+def _read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def compress(args: argparse.Namespace) -> int:
     """``lowrank compress``: write OUT/config.yaml, run the DAG there, print perplexities and model folders."""
-    from lowrank.io import read_json
-
     cfg = compress_config(args)
     out = Path(args.out or f"lowrank-out/{next(iter(cfg['models']))}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -161,10 +164,10 @@ def compress(args: argparse.Namespace) -> int:
     results = out / "results" / next(iter(cfg["models"]))
     dense = results / "pretrained" / "eval" / "ppl.json"
     if dense.is_file():  # not after --dry-run / -- --unlock
-        say(f"dense: ppl {read_json(dense)['ppl']:.2f}")
+        say(f"dense: ppl {_read_json(dense)['ppl']:.2f}")
         for ratio in cfg["ratios"]:
             folder = results / args.method / f"{float(ratio):.2f}"
-            rec = read_json(folder / "eval" / "ppl.json")
+            rec = _read_json(folder / "eval" / "ppl.json")
             hf = folder / "hf"  # the self-contained Hugging Face folder (export.hf_folder), else the stage folder
             say(f"{args.method} kept {float(ratio):.2f}: ppl {rec['ppl']:.2f}, model in "
                 f"{hf if (hf / 'config.json').is_file() else out / rec['compressed_dir']}")
@@ -205,10 +208,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespa
 
 def export(args: argparse.Namespace) -> int:
     """``lowrank export``: copy a compressed model out of results/ (see :func:`lowrank.export.export_folder`)."""
-    from .export import export_folder
-    from .runtime import parse_dtype
+    from .export import export_folder  # torch and transformers: only when exporting, never for --help
 
-    out = export_folder(args.src, args.dest, merged=args.merged, dtype=parse_dtype(args.dtype))
+    out = export_folder(args.src, args.dest, merged=args.merged, dtype=args.dtype)
     say(f"wrote {out}")
     return 0
 

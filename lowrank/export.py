@@ -28,8 +28,11 @@ from torch import nn
 
 from .checkpoint import MANIFEST, load_compressed
 from .factorized import LowRankLinear
+from .hf_format import register, save_hf_folder
 from .io import read_json, write_json
 from .model import load_model, load_tokenizer, weight_is_transposed
+from .quantized_linear import QuantizedLinear
+from .runtime import parse_dtype
 
 __all__ = ["load_for_inference", "merge_low_rank", "export_hf", "write_lowrank_hf", "is_lowrank_hf", "export_folder",
            "model_card"]
@@ -112,8 +115,6 @@ def write_lowrank_hf(folder: str | os.PathLike, out_dir: str | os.PathLike, card
     """Write the compressed model at ``folder`` (a stage, ``final/`` or ``rehab/`` folder) as a self-contained
     lowrank HF folder (:func:`lowrank.hf_format.save_hf_folder`): the factors, not ``A B``, plus the tokenizer
     (when the base model has one), ``generation_config.json`` and ``card`` as ``README.md``."""
-    from .hf_format import save_hf_folder
-
     model, tokenizer = load_for_inference(folder, dtype=dtype)
     manifest = read_json(Path(folder) / MANIFEST)
     info = {k: manifest[k] for k in ("method", "ratio", "stage", "recipe") if k in manifest}
@@ -132,8 +133,6 @@ def _merge_into_stock(model: nn.Module) -> nn.Module:
     """A stock model of ``model``'s architecture (no quantization_config) holding ``model``'s function with every
     factored (or int8) target merged to a dense ``W'``."""
     from transformers import AutoModelForCausalLM
-
-    from .quantized_linear import QuantizedLinear
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
@@ -156,13 +155,15 @@ def _merge_into_stock(model: nn.Module) -> nn.Module:
 
 
 def export_folder(src: str | os.PathLike, out_dir: str | os.PathLike, merged: bool = False,
-                  dtype: torch.dtype = torch.float32) -> Path:
+                  dtype: torch.dtype | str = torch.float32) -> Path:
     """Copy a compressed model out of a results tree into ``out_dir``, atomically.
 
     ``src`` is a lowrank HF folder (copied as it is, or merged) or a pipeline stage folder with ``manifest.json``
     (written as a lowrank HF folder, or merged). ``merged=True`` writes a plain folder with ``W' = A B`` at the
-    dense size, for tools that know no factors (no ``lowrank`` needed to load it).
+    dense size, for tools that know no factors (no ``lowrank`` needed to load it). ``dtype``: a torch dtype or its
+    config name (``float32``, ``bfloat16``, ``float16``).
     """
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or choose another output folder")
@@ -179,8 +180,6 @@ def export_folder(src: str | os.PathLike, out_dir: str | os.PathLike, merged: bo
                     shutil.rmtree(tmp)
             return out_dir
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .hf_format import register
 
         register()
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()

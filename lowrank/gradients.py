@@ -6,21 +6,55 @@ accumulated ``G = ∂L/∂W`` (float64) is exact for any batch size. Gradients o
 ``torch.autograd.grad`` call per batch (the ZS-SVD reference code runs one backward per module, 224× the work
 on LLaMA-7B). Optionally the per-batch squared gradients ``Σ_b (∂L_b/∂W)²`` are accumulated as well (empirical
 Fisher, FWSVD).
+
+Streamed (:func:`streamed_gradients`, the default of :func:`calibration_gradients`): one decoder block resident at
+a time, forward then backward block by block, through the layer-wise engine (:mod:`lowrank.blocks`).
+The calibration loss ``L = (1/N) Σ_b n_b L_b`` (``L_b`` the token-mean next-token cross-entropy of batch ``b``,
+``n_b`` its predictions) is differentiated without ever holding the whole model's activations:
+
+1. **Forward, keeping boundaries only.** The stem (embeddings, rotary tables, masks) runs once per batch with
+   the blocks replaced by catchers (:func:`lowrank.blocks.capture_block_inputs`); then block ``i`` alone runs over
+   every batch without autograd, and its input ``h_i`` is stored (on the accelerator when every boundary fits,
+   else in CPU memory: :class:`BoundaryStore`). Memory: one block + ``L+1`` boundary activations.
+2. **Head.** With every block replaced by a stand-in that returns the stored last boundary ``h_L`` (a leaf that
+   requires grad), the model's own forward applies its final norm and LM head; ``δ_L = ∂L_b/∂h_L`` per batch.
+3. **Backward, block by block from the last.** Block ``i`` is recomputed from its saved input with autograd
+   (activation checkpointing with offload): ``∂L_b/∂W = ∂(block(h_i))/∂W · δ_{i+1}`` for its target weights
+   and ``δ_i = ∂(block(h_i))/∂h_i · δ_{i+1}``, one ``torch.autograd.grad`` per batch. Peak memory is one
+   block's weights and activations for one batch plus the boundaries.
+
+Accumulation (float64 by default, on the accelerator during the block, then to CPU):
+
+* ``G = Σ_b (n_b/N) ∂L_b/∂W`` (m×n, ``y = W x`` orientation) = ``∂L/∂W``, exact for any batch size;
+* optionally Fisher, either full ``Σ_b (∂L_b/∂W)²`` (m×n) or only its column reduction
+  ``Σ_b Σ_i (∂L_b/∂W_ij)²`` (n,), all FWSVD needs.
+
+When a block's gradients are complete, ``on_block(i, G_i, F_i)`` is called while the block is still resident on
+the device: a caller that scores (or reduces) them at once and drops them keeps only one block of gradients
+alive (``keep=False``), e.g. the fused gradient + scoring of :func:`fused_scores`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Target, find_targets, weight_is_transposed
+from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, move_stem, resident,
+                     resolve_offload, stem_homes, targets_by_block)
+from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 
-__all__ = ["TargetGradients", "calibration_gradients", "causal_lm_loss", "calibration_loss"]
+__all__ = ["TargetGradients", "calibration_gradients", "causal_lm_loss", "calibration_loss", "streamed_gradients",
+           "TokenProbe", "FisherMode"]
+
+log = logging.getLogger(__name__)
+
+FisherMode = Literal["none", "full", "columns"]
 
 
 @dataclass
@@ -51,15 +85,13 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
     """``∂L/∂W`` for every target over all ``windows``, one forward + one backward per batch.
 
     ``streamed`` (default): block by block, one block resident on ``device`` at a time
-    (:func:`lowrank.streaming.streamed_gradients`; ``offload`` says where the boundary activations live).
+    (:func:`streamed_gradients`; ``offload`` says where the boundary activations live).
     Otherwise the whole model runs on ``device`` with one ``autograd.grad`` per batch. Both give the same
     gradients up to floating-point summation order. ``fisher``: ``False``/``"none"``, ``True``/``"full"``
     (m×n ``Σ_b g_b²``) or ``"columns"`` (n-vector ``Σ_b Σ_i g_b²``, all FWSVD needs); ``need_G=False`` skips
     ``G`` (Fisher only).
     """
     if streamed:
-        from .streaming import streamed_gradients
-
         return streamed_gradients(model, windows, batch_size, device, targets=targets, fisher=fisher,
                                   need_G=need_G, offload=offload)
     mode = "full" if fisher is True else ("none" if fisher is False else str(fisher))
@@ -112,3 +144,223 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int,
         total += float(loss) * n
         count += n
     return total / count
+
+
+class _Emit(nn.Module):
+    """Stand-in block for the head pass: the last one returns the injected hidden states, the others pass through."""
+
+    def __init__(self, inject: list[torch.Tensor | None], as_tuple: bool) -> None:
+        super().__init__()
+        self.inject, self.as_tuple = inject, as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        if self.inject[0] is not None:
+            h = self.inject[0]
+        return (h,) if self.as_tuple else h
+
+
+@dataclass
+class _Acc:
+    """Per-target accumulators of one block (on the compute device)."""
+
+    G: torch.Tensor | None
+    F: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, t: Target, need_G: bool, fisher_mode: str, dtype: torch.dtype, device: torch.device) -> "_Acc":
+        """``G`` (m×n) when asked, Fisher as ``fisher_mode`` says: m×n (``full``), n (``columns``) or none."""
+        m, n = t.shape.m, t.shape.n
+        F = (torch.zeros(m, n, dtype=dtype, device=device) if fisher_mode == "full"
+             else torch.zeros(n, dtype=dtype, device=device) if fisher_mode == "columns" else None)
+        return cls(G=torch.zeros(m, n, dtype=dtype, device=device) if need_G else None, F=F)
+
+
+class TokenProbe(Protocol):
+    """Receives every target's per-token input and output gradient during the streamed backward."""
+
+    def begin_block(self, i: int, targets: list[Target]) -> None: ...
+
+    def add(self, name: str, x: torch.Tensor, d: torch.Tensor, n_b: int) -> None: ...
+
+    def end_block(self, i: int) -> None: ...
+
+
+def _capture_hook(name: str, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., None]:
+    """Forward hook: keep the module's input and, once the backward reaches it, the gradient at its output."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        x = args[0].detach()
+
+        def on_grad(d: torch.Tensor) -> None:
+            if name in captured:
+                raise ValueError(f"target {name!r} ran twice in one block call; per-token statistics need one call")
+            captured[name] = (x, d.detach())
+
+        out.register_hook(on_grad)
+
+    return hook
+
+
+def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                       device: torch.device | str = "cpu", targets: list[Target] | None = None,
+                       fisher: FisherMode | bool = "none", need_G: bool = True,
+                       accumulate_dtype: torch.dtype = torch.float64, offload: str = "auto",
+                       on_block: Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None], None]
+                       | None = None, keep: bool = True, probe: TokenProbe | None = None) -> TargetGradients:
+    """``∂L/∂W`` (and optionally Fisher) of every target over ``windows``, streamed block by block.
+
+    Same result as :func:`lowrank.gradients.calibration_gradients` (up to floating-point summation order), with
+    peak accelerator memory of about one block plus the boundary activations (``offload="cpu"``: one block plus
+    one batch's boundary). The model may live on CPU: each block is moved to ``device`` for its passes and back.
+    ``fisher``: ``"none"``, ``"full"`` (m×n ``Σ_b g_b²``, ``True`` means this) or ``"columns"`` (n-vector
+    ``Σ_b Σ_i g_b²``). ``on_block(i, G_i, F_i)`` receives each block's finished (CPU) accumulators; with
+    ``keep=False`` they are not retained in the result.
+
+    ``probe`` (:class:`TokenProbe`): per-token statistics. Before block ``i``'s backward ``probe.begin_block(i,
+    targets)`` is called (the block resident, its weights final); during it, hooks hand every target's input
+    ``x`` ([b, T, n]) and the gradient ``d = ∂L_b/∂y`` of the batch's token-mean loss at its output ([b, T, m])
+    to ``probe.add(name, x, d, n_b)`` (``n_b`` the batch's predictions); ``probe.end_block(i)`` closes the
+    block before ``on_block`` is called.
+    """
+    device = torch.device(device)
+    fisher_mode: str = "full" if fisher is True else ("none" if fisher is False else str(fisher))
+    if fisher_mode not in ("none", "full", "columns"):
+        raise ValueError(f"fisher must be 'none', 'full' or 'columns', got {fisher!r}")
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be LongTensor[B, T] with T >= 2, got shape {tuple(windows.shape)}")
+    targets = targets or find_targets(model)
+    _, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    by_block = targets_by_block(targets)
+    total = windows.shape[0] * (windows.shape[1] - 1)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    G_out: dict[str, torch.Tensor] = {}
+    F_out: dict[str, torch.Tensor] = {}
+    loss_sum = 0.0
+    homes = stem_homes(model, list(blocks))  # the stem helpers park it on CPU: put it back where it was
+    try:
+        # 1. stem: every block's call arguments and block 0's inputs, per batch
+        inputs = capture_block_inputs(model, windows, batch_size, device)
+        n_batches = len(inputs.hidden)
+        as_tuple = inputs.as_tuple
+        hidden = inputs.hidden[0].shape[-1]
+        dtype = inputs.hidden[0].dtype
+        home = resolve_offload(offload, device, boundary_bytes(windows, hidden, n_blocks, dtype))
+        store = BoundaryStore(home, device)
+        log.info("streamed gradients: %d blocks, %d batches, boundaries on %s", n_blocks, n_batches, home)
+        for b in range(n_batches):
+            store.put(0, b, inputs.hidden[b])
+        inputs.hidden = []
+        # 2. forward without autograd, keeping every block's input
+        with torch.no_grad():
+            for i in progress(range(n_blocks), desc="grad forward", total=n_blocks):
+                with resident(model, i, device) as blk:
+                    for b in range(n_batches):
+                        args, kwargs = inputs.calls[b][i]
+                        store.put(i + 1, b, block_output(blk(store.get(i, b), *args, **kwargs)))
+        # 3. head: δ_L = ∂L_b/∂h_L through the model's own final norm and LM head
+        deltas: list[torch.Tensor] = []
+        inject: list[torch.Tensor | None] = [None]
+        originals = list(blocks)
+        moved = move_stem(model, originals, device)
+        try:
+            for i in range(n_blocks):
+                blocks[i] = _Emit(inject if i == n_blocks - 1 else [None], as_tuple)
+            for b, s in enumerate(range(0, windows.shape[0], batch_size)):
+                batch = windows[s : s + batch_size].to(device)
+                hL = store.get(n_blocks, b).detach().requires_grad_(True)
+                inject[0] = hL
+                with torch.enable_grad():
+                    loss, n_b = causal_lm_loss(model, batch)
+                    (d,) = torch.autograd.grad(loss, [hL])
+                loss_sum += float(loss.detach()) * n_b
+                deltas.append(d.detach())
+                inject[0] = None
+        finally:
+            for i, blk in enumerate(originals):
+                blocks[i] = blk
+            for mod in moved:
+                mod.to("cpu")
+        store.drop(n_blocks)
+        weights_n = [(s, (windows[s : s + batch_size].shape[0]) * (windows.shape[1] - 1))
+                     for s in range(0, windows.shape[0], batch_size)]
+        # 4. backward, block by block from the last
+        for i in progress(range(n_blocks - 1, -1, -1), desc="grad backward", total=n_blocks):
+            with resident(model, i, device) as blk:
+                tlist = by_block.get(i, [])
+                mods = [model.get_submodule(t.name) for t in tlist]
+                # weight gradients only when an accumulator reads them: a probe-only pass (need_G False, no
+                # Fisher) needs the output gradients δ at each target, which the input's graph carries, so the
+                # backward skips the m×n weight products (about a third of a block's backward FLOPs)
+                params = [m.weight for m in mods] if (need_G or fisher_mode != "none") else []
+                for p in params:
+                    p.requires_grad_(True)
+                acc = {t.name: _Acc.zeros(t, need_G, fisher_mode, accumulate_dtype, device) for t in tlist}
+                need_input = i > 0
+                need_x = need_input or not params  # block 0 of a probe-only pass: x carries the graph to the hooks
+                captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+                handles = []
+                if probe is not None:
+                    probe.begin_block(i, tlist)
+                    handles = [m.register_forward_hook(_capture_hook(t.name, captured)) for t, m in zip(tlist, mods)]
+                for b in range(n_batches):
+                    args, kwargs = inputs.calls[b][i]
+                    x = store.get(i, b).detach().requires_grad_(need_x)
+                    wrt = ([x] if need_x else []) + params
+                    if not wrt or (probe is None and not params and not need_input):
+                        continue
+                    with torch.enable_grad():
+                        out = block_output(blk(x, *args, **kwargs))
+                        grads = torch.autograd.grad(out, wrt, grad_outputs=deltas[b], allow_unused=True)
+                    if need_x:
+                        if need_input:
+                            deltas[b] = grads[0].detach()
+                        grads = grads[1:]
+                    n_b = weights_n[b][1]
+                    if probe is not None:
+                        for t in tlist:
+                            if t.name not in captured:  # pragma: no cover - a target that does not reach the output
+                                raise ValueError(f"no output gradient reached target {t.name!r}")
+                            probe.add(t.name, *captured.pop(t.name), n_b)
+                    for t, mod, g in zip(tlist, mods, grads):
+                        if g is None:  # pragma: no cover - a target that does not reach the output
+                            continue
+                        g = (g.T if weight_is_transposed(mod) else g).to(accumulate_dtype)
+                        a = acc[t.name]
+                        if a.G is not None:
+                            a.G.add_(g, alpha=n_b / total)
+                        if a.F is not None:
+                            a.F.add_(g.square() if fisher_mode == "full" else g.square().sum(dim=0))
+                for p in params:
+                    p.requires_grad_(False)
+                for h in handles:
+                    h.remove()
+                if probe is not None:
+                    probe.end_block(i)
+                store.drop(i)
+                G_i = {n: a.G.to("cpu", torch.float64) for n, a in acc.items() if a.G is not None}
+                F_i = {n: a.F.to("cpu", torch.float64) for n, a in acc.items() if a.F is not None} \
+                    if fisher_mode != "none" else None
+                del acc
+                if on_block is not None:
+                    on_block(i, G_i, F_i)  # block i still resident on the device: score it now (fused)
+            if keep:
+                G_out.update(G_i)
+                if F_i is not None:
+                    F_out.update(F_i)
+    finally:
+        for mod, dev in homes:
+            mod.to(dev)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    order = [t.name for t in targets]
+    G_sorted = {n: G_out[n] for n in order if n in G_out}
+    F_sorted = {n: F_out[n] for n in order if n in F_out} if fisher_mode != "none" else None
+    comps = None if probe is None else {n: probe.result[n] for n in order if n in getattr(probe, "result", {})}
+    return TargetGradients(G=G_sorted, fisher=F_sorted, tokens=total, loss=loss_sum / total, components=comps)

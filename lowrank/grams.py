@@ -6,12 +6,10 @@ GEMMs run at a small fraction of the half-precision rate: for LLaMA-7B over 256�
 formed in float32 (half-precision inputs: ``torch.mm(..., out_dtype=float32)``, tensor cores, exact products of
 bf16/fp16 values accumulated in float32; float32 inputs: a float32 GEMM with TF32 disabled), then added to the
 float64 ``G``: the float32 error is per batch (relative ~1e-7·√N_b), the sum over batches is float64.
-``"auto"``: mixed on CUDA, float64 elsewhere. ``LOWRANK_GRAM_PRECISION`` overrides ``auto``.
+``"auto"``: mixed on CUDA, float64 elsewhere. The workflow sets it with ``statistics.input_gram.precision``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -21,8 +19,7 @@ PRECISIONS = ("auto", "float64", "mixed")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        precision = os.environ.get("LOWRANK_GRAM_PRECISION", "auto")
+    """``float64`` or ``mixed``: ``precision`` itself, or for ``auto`` mixed on CUDA and float64 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"Gram precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":

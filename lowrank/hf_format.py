@@ -36,6 +36,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .factorized import LowRankLinear
+from .model import get_module, linear_weight, replace_module
 from .quantized_linear import QuantizedLinear
 
 __all__ = ["QUANT_METHOD", "HF_FORMAT", "LowRankQuantConfig", "LowRankHfQuantizer", "module_layouts",
@@ -67,8 +68,6 @@ def build_skeleton(model: nn.Module, layouts: dict[str, dict[str, Any]]) -> None
     """Replace each target named in ``layouts`` by an empty ``LowRankLinear`` (or ``QuantizedLinear`` when the
     layout has ``int8_rows``) on the device and in the dtype of the module it replaces (the meta device while
     transformers builds the model), checking the recorded ``in`` / ``out`` against the base module."""
-    from .model import get_module, linear_weight, replace_module
-
     for name, lay in layouts.items():
         try:
             old = get_module(model, name)
@@ -99,8 +98,6 @@ def densify_above(model: nn.Module, max_kept: float) -> list[str]:
     """
     if not 0 < max_kept <= 1:
         raise ValueError(f"max_kept must be in (0, 1], got {max_kept}; 0.9 keeps matrices with rho > 0.9 dense")
-    from .model import replace_module
-
     done = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LowRankLinear):

@@ -24,6 +24,7 @@ from torch import nn
 
 from .accounting import TargetShape
 from .factorized import LowRankLinear
+from .io import check_finite, read_json
 from .quantized_linear import QuantizedLinear
 
 # stored-compressed linears: each counts as one target, its inner modules are not targets themselves
@@ -365,8 +366,6 @@ def source_paths(spec: dict[str, Any]) -> list[str]:
 
 def check_finite_weights(model: nn.Module, what: str) -> None:
     """Refuse a model with a NaN or infinite weight, naming the tensor and the count of bad values."""
-    from .io import check_finite
-
     check_finite(dict(model.state_dict()), what)
 
 
@@ -464,8 +463,6 @@ def _max_positions(config: Any) -> int | None:
 
 def model_path(manifest_path: str | os.PathLike) -> str:
     """The folder (or hub id) a ``pretrained`` manifest points to; relative paths are relative to the manifest."""
-    from .io import read_json
-
     manifest = read_json(manifest_path)
     path = manifest["path"]
     if manifest.get("path_relative"):
@@ -485,8 +482,6 @@ def load_model(manifest_path: str | os.PathLike, dtype: torch.dtype = torch.floa
 def load_tokenizer(manifest_path: str | os.PathLike):
     """The tokenizer saved beside (or referenced by) a ``pretrained`` manifest."""
     from transformers import AutoTokenizer
-
-    from .io import read_json
 
     if not read_json(manifest_path).get("has_tokenizer", True):
         raise ValueError("this model has no tokenizer (random_init without `tokenizer`, or a folder without "

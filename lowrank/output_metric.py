@@ -34,8 +34,6 @@ first ``max_windows`` calibration windows are used, to keep the cost at ``K`` ba
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,65 +41,13 @@ from torch import nn
 
 from .model import Target, find_targets
 from .runtime import progress
-from .whitening import WhiteningFactor, whitening_factor
+from .statistics import DEFAULT_OUTPUT_DAMPING, OutputMetrics, check_damping
 
 __all__ = ["OutputMetrics", "collect_output_kl", "DEFAULT_TOP_K", "DEFAULT_OUTPUT_DAMPING"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5  # the sweet spot of the IO-SVD K ablation
-DEFAULT_OUTPUT_DAMPING = 1e-2  # relative: C + λ tr(C)/m I
-
-
-def _check_damping(damping: float) -> float:
-    damping = float(damping)
-    if not (damping >= 0 and damping != float("inf")):
-        raise ValueError(f"statistics.output_kl.damping must be a finite number >= 0, got {damping}")
-    return damping
-
-
-@dataclass
-class OutputMetrics:
-    """``C[target]`` (float64 m×m) per target output, the number of positions ``N``, K, and the relative damping.
-
-    ``damping`` λ is a property of the space (like ASVD's α), stored with the statistic: the output factor is the
-    lower-triangular ``L_o`` with ``L_o L_oᵀ = C + λ (tr C / m) I`` (:meth:`factor_for`).
-    """
-
-    C: dict[str, torch.Tensor]
-    tokens: int
-    top_k: int
-    damping: float = DEFAULT_OUTPUT_DAMPING
-    windows: int = 0
-    _factors: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.damping = _check_damping(self.damping)
-
-    def for_target(self, name: str) -> torch.Tensor:
-        if name not in self.C:
-            raise KeyError(f"no output metric for target {name!r}; recompute the output_kl statistics of this "
-                           "model (they belong to another model or an older run)")
-        return self.C[name]
-
-    def factor_for(self, name: str, device: torch.device | str = "cpu") -> WhiteningFactor:
-        """``L_o`` of target ``name`` (lower triangular, float64), cached for the last target asked."""
-        key = (name, self.damping, str(device))
-        if key not in self._factors:
-            self._factors.clear()
-            self._factors[key] = whitening_factor(self.for_target(name).to(device), damping=self.damping)
-        return self._factors[key]
-
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"C.{n}": c.to(torch.float32) for n, c in self.C.items()}
-        return tensors, {"kind": "output_kl", "tokens": self.tokens, "top_k": self.top_k, "damping": self.damping,
-                         "windows": self.windows}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "OutputMetrics":
-        C = {k[2:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("C.")}
-        return cls(C=C, tokens=int(meta["tokens"]), top_k=int(meta["top_k"]), damping=float(meta["damping"]),
-                   windows=int(meta.get("windows", 0)))
 
 
 def _vocab_size(model: nn.Module) -> int | None:
@@ -122,7 +68,7 @@ def collect_output_kl(model: nn.Module, windows: torch.Tensor, batch_size: int, 
     holds every activation). Raises
     ``ValueError`` for ``top_k`` outside ``[1, vocabulary size]``.
     """
-    top_k, damping = int(top_k), _check_damping(damping)
+    top_k, damping = int(top_k), check_damping(damping)
     vocab = _vocab_size(model)
     if top_k < 1 or (vocab is not None and top_k > vocab):
         raise ValueError(f"statistics.output_kl.top_k must be in [1, {vocab}] (the vocabulary size), got {top_k}; "

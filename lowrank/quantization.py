@@ -39,34 +39,19 @@ from typing import Any, Callable
 import torch
 
 from .accounting import TargetShape
-from .allocation import GreedyTails, check_scores
+from .allocation import GREEDY_ALLOCATORS, GreedyTails, check_scores
+from .model import linear_bias, linear_weight, replace_module
+from .quantized_linear import FLOAT_STORAGE, QMAX, QuantizedLinear, dequantize_rows, quantize_rows
+from .truncation import truncate
 
 __all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
            "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
            "greedy_byte_ranks", "row_scores", "select_rows_loss_aware"]
 
-QMAX = 127
-FLOAT_STORAGE = torch.float16  # the float rows, dense targets and biases (what the papers count)
 FLOAT_BYTES = 2
 SCALE_BYTES = 4  # one float32 scale per int8 row
 MASK_BYTES = 1  # one uint8 flag per row
 QUANTIZERS = ("remap", "hq", "loss_aware")
-
-
-def quantize_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``s = max|x|/127`` (float32, r), ``q = round(x/s)`` (int8, r×c); zero rows → s = 0."""
-    if X.ndim != 2:
-        raise ValueError(f"quantize_rows needs a matrix, got shape {tuple(X.shape)}")
-    Xf = X.to(torch.float32)
-    s = Xf.abs().amax(dim=1) / QMAX  # [r]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(Xf / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, s
-
-
-def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``s q`` row by row, in ``dtype``."""
-    return q.to(dtype) * s.to(dtype)[:, None]
 
 
 def matrix_bytes(rows: int, cols: int, n_int8: int) -> int:
@@ -147,8 +132,9 @@ def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores:
     ``layout``: a matrix at rank ``k`` stores ``min(bytes(dense), bytes(k))``. Floors: ``⌈f · min(m, n)⌉``
     (remap's keep-rank rule), at least 1. Raises ``ValueError`` when even every matrix at its floor does not fit.
     """
-    if rule not in ("zero_sum", "min_abs"):
-        raise ValueError(f"quantize needs a greedy allocator (zero_sum or min_abs) to order components, got {rule!r}")
+    if rule not in GREEDY_ALLOCATORS:
+        raise ValueError(f"quantize needs a greedy allocator ({' or '.join(GREEDY_ALLOCATORS)}) to order components, "
+                         f"got {rule!r}")
     check_scores(shapes, scores)
     floors = {n: max(1, math.ceil(min_rank_fraction * s.full_rank)) for n, s in shapes.items()}
     dense = {n: layout_bytes(s, layout(s, None)) for n, s in shapes.items()}
@@ -293,10 +279,6 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
     :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
     ``decomposition``: how a target missing from ``directions`` is decomposed
     (:func:`lowrank.decompose.thin_svd`)."""
-    from .model import linear_bias, linear_weight, replace_module
-    from .quantized_linear import QuantizedLinear
-    from .truncation import truncate
-
     mode = check_mode(mode)
     if mode == "loss_aware" and gradients_of is None:
         raise ValueError("quantization mode loss_aware needs calibration gradients")

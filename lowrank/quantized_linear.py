@@ -6,6 +6,11 @@ Each stored matrix is a :class:`PackedRows`: ``mask`` (uint8, r: 1 = int8 row), 
 ``<target>.weight.*`` (dense) or ``<target>.down.*`` / ``<target>.up.*`` (``W' = up · down``) and
 ``<target>.bias`` (float16). ``forward`` rebuilds each matrix in the input's dtype (``s q`` for int8 rows) and
 applies it with ``F.linear``; the buffers move with ``.to(device)``, so the same module runs on CPU and CUDA.
+
+The int8 primitives live here too: for a row ``x``, ``s = max|x| / 127`` (float32) and
+``q = clamp(round(x / s), −127, 127)`` (int8), dequantised ``x̂ = s q`` with ``|x − x̂| ≤ s/2`` per element
+(:func:`quantize_rows`, :func:`dequantize_rows`). Which rows are int8 and at what rank is
+:mod:`lowrank.quantization`'s business.
 """
 
 from __future__ import annotations
@@ -14,9 +19,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantization import FLOAT_STORAGE, dequantize_rows, quantize_rows
+__all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "PackedRows", "QuantizedLinear"]
 
-__all__ = ["PackedRows", "QuantizedLinear"]
+QMAX = 127
+FLOAT_STORAGE = torch.float16  # the float rows, dense targets and biases (what the papers count)
+
+
+def quantize_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``s = max|x|/127`` (float32, r), ``q = round(x/s)`` (int8, r×c); zero rows get
+    ``s = 0``."""
+    if X.ndim != 2:
+        raise ValueError(f"quantize_rows needs a matrix, got shape {tuple(X.shape)}")
+    Xf = X.to(torch.float32)
+    s = Xf.abs().amax(dim=1) / QMAX  # [r]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(Xf / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``s q`` row by row, in ``dtype``."""
+    return q.to(dtype) * s.to(dtype)[:, None]
 
 
 class PackedRows(nn.Module):

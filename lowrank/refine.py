@@ -57,13 +57,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import _block_output, capture_block_inputs
+from .blocks import block_output as _block_output, capture_block_inputs, offload_block_inputs, resident
 from .factorized import LowRankLinear
 from .grams import gram_update
 from .model import Target, find_blocks, find_targets, linear_weight
 from .runtime import progress
-from .sharded import resident
-from .streaming import offload_block_inputs
 from .whitening import whitening_factor
 
 __all__ = ["REFINE_MODES", "RefineConfig", "RefineReport", "check_recipe", "refit_up", "refit_down", "block_groups",

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import resident, targets_by_block
 from .decompose import ThinSVD
 from .factorized import LowRankLinear
 from .io import load_tensors, save_tensors
 from .model import Target, swap_in_low_rank
 from .runtime import progress
-from .sharded import resident
 from .truncation import truncate_model
 
 __all__ = ["block_fingerprint", "truncate_blocks", "part_path"]
@@ -77,9 +77,7 @@ def truncate_blocks(model: nn.Module, targets: list[Target], ranks: dict[str, in
     parts = Path(parts)
     parts.mkdir(parents=True, exist_ok=True)
     key = dict(key or {}, whitening=whitening, damping=damping, decomposition=decomposition)
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
+    by_block = targets_by_block(targets)
     report: dict[str, dict[str, Any]] = {}
     for i in progress(sorted(by_block), desc="truncate blocks", total=len(by_block)):
         tl = by_block[i]

@@ -20,22 +20,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .accounting import TargetShape, stored_params
-from .allocation import allocate_uniform
-from .calibration import BlockInputs, capture_block_inputs
+from .accounting import TargetShape, uniform_rank
+from .blocks import BlockInputs, block_output, capture_block_inputs, targets_by_block
 from .gradients import causal_lm_loss
 from .model import Target, find_blocks, find_targets, linear_weight, weight_is_transposed
 from .runtime import progress
 from .spaces import input_factor
+from .statistics import Sensitivity
 from .whitening import unwhiten_right, whiten
 
-__all__ = ["CANDIDATE_RATIOS", "Sensitivity", "candidate_rank", "measure_sensitivity", "sensitivity_ranks"]
+__all__ = ["CANDIDATE_RATIOS", "Sensitivity", "candidate_rank", "measure_sensitivity"]
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +43,7 @@ CANDIDATE_RATIOS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def candidate_rank(shape: TargetShape, ratio: float) -> int | None:
     """The rank keep ratio ``ratio`` gives one matrix under the uniform rule (``None``: it stays dense)."""
-    return allocate_uniform({"t": shape}, ratio)["t"]
-
-
-@dataclass
-class Sensitivity:
-    """``ppl[target][j]``: calibration perplexity with only ``target`` truncated to keep ratio ``ratios[j]``."""
-
-    ppl: dict[str, torch.Tensor]
-    ratios: tuple[float, ...]
-    dense_ppl: float
-    tokens: int
-    whitening: str
-
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"ppl.{n}": p.to(torch.float64) for n, p in self.ppl.items()}
-        return tensors, {"kind": "asvd_sensitivity", "ratios": list(self.ratios), "dense_ppl": self.dense_ppl,
-                         "tokens": self.tokens, "whitening": self.whitening}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Sensitivity":
-        ppl = {k[4:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("ppl.")}
-        return cls(ppl=ppl, ratios=tuple(float(r) for r in meta["ratios"]), dense_ppl=float(meta["dense_ppl"]),
-                   tokens=int(meta["tokens"]), whitening=str(meta["whitening"]))
+    return uniform_rank(shape, ratio)
 
 
 class _Replay(nn.Module):
@@ -128,11 +105,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, batch_size: int
     hidden: list[torch.Tensor] = []
     dense_ppl = math.exp(mean_loss())
     inputs = capture_block_inputs(model, used, batch_size, device)  # dense inputs of block 0, advanced below
-    as_tuple = isinstance(originals[0](inputs.hidden[0], *inputs.calls[0][0][0], **inputs.calls[0][0][1]),
-                          (tuple, list))
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
+    as_tuple = inputs.as_tuple
+    by_block = targets_by_block(targets)
     table: dict[str, torch.Tensor] = {}
     try:
         for b in progress(range(len(originals)), desc="sensitivity", total=len(originals)):
@@ -177,46 +151,4 @@ def _advance(block: nn.Module, inputs: BlockInputs, b: int) -> None:
     """``inputs.hidden`` ← dense block ``b``'s outputs, each batch with that block's recorded arguments."""
     for bi in range(len(inputs.hidden)):
         args, kwargs = inputs.calls[bi][b]
-        out = block(inputs.hidden[bi], *args, **kwargs)
-        inputs.hidden[bi] = out[0] if isinstance(out, (tuple, list)) else out
-
-
-def sensitivity_ranks(shapes: dict[str, TargetShape], sensitivity: Sensitivity, kept_fraction: float
-                      ) -> dict[str, int | None]:
-    """Ranks from ASVD's binary search: the largest perplexity cut whose kept parameters fit ``⌊ρ D⌋``.
-
-    Raises ``ValueError`` when even every target at its smallest candidate ratio exceeds the budget.
-    """
-    missing = [n for n in shapes if n not in sensitivity.ppl]
-    if missing:
-        raise ValueError(f"no sensitivity for {len(missing)} targets, e.g. {missing[:2]}; recompute the "
-                         "asvd_sensitivity statistics of this model")
-    order = list(shapes)
-    triples = sorted(((float(sensitivity.ppl[n][j]), order.index(n), j) for n in shapes
-                      for j in range(len(sensitivity.ratios))), key=lambda x: (-x[0], x[1], x[2]))
-    total = sum(stored_params(s, None) for s in shapes.values())
-    budget = int(kept_fraction * total)
-
-    def choice(cut: int) -> dict[str, int | None]:
-        smallest: dict[str, float] = {}
-        for _, i, j in triples[cut:]:
-            n = order[i]
-            smallest[n] = min(smallest.get(n, 1.0), sensitivity.ratios[j])
-        return {n: candidate_rank(shapes[n], smallest[n]) if n in smallest else None for n in shapes}
-
-    def kept(cut: int) -> int:
-        return sum(stored_params(shapes[n], r) for n, r in choice(cut).items())
-
-    if kept_fraction >= 1.0:
-        return {n: None for n in shapes}
-    if kept(0) > budget:
-        raise ValueError(f"kept fraction {kept_fraction} is below what the smallest candidate ratio "
-                         f"{min(sensitivity.ratios)} everywhere keeps; add smaller candidate ratios or raise it")
-    lo, hi = 0, len(triples)  # kept(lo) <= budget; find the largest such cut
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if kept(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return choice(lo)
+        inputs.hidden[bi] = block_output(block(inputs.hidden[bi], *args, **kwargs))

@@ -4,9 +4,9 @@
 decoder blocks (embeddings, final norm, LM head: a few percent of a 7B-70B model) and leaves every block on
 ``meta``. :func:`place_block` reads one block's tensors from the checkpoint's safetensors shards (only the shards
 holding them, memory-mapped) straight onto the compute device; :func:`release_block` returns it to ``meta``.
-The streamed stages (:mod:`lowrank.calibration`, :mod:`lowrank.streaming`, :func:`for_each_block`) call these
-two for every block, so a lazy model and an ordinary one go through the same code: peak host memory is the stem
-plus one block, whatever the depth.
+The layer-wise engine (:func:`lowrank.blocks.resident`, used by every streamed stage) calls these two for every
+block, so a lazy model and an ordinary one go through the same code: peak host memory is the stem plus one block,
+whatever the depth.
 
 A model is loaded lazily when its weights do not fit in a fraction of the available host memory
 (:func:`load_model_streaming`), or always when asked.
@@ -17,19 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .factorized import LowRankLinear
-from .model import Target, find_blocks, load_model, model_path
+from .model import find_blocks, load_model, model_path
 
-__all__ = ["lazy_from_env", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "place_block", "release_block", "resident",
-           "for_each_block", "checkpoint_bytes", "load_model_streaming"]
+__all__ = ["lazy_setting", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "block_of", "place_block",
+           "release_block", "checkpoint_bytes", "load_model_streaming"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +130,11 @@ def _block_keys(model: nn.Module, i: int) -> tuple[str, nn.Module]:
     return f"{prefix}.{i}.", blocks[i]
 
 
+def block_of(model: nn.Module, i: int) -> nn.Module:
+    """Decoder block ``i`` of ``model``."""
+    return _block_keys(model, i)[1]
+
+
 def place_block(model: nn.Module, i: int, device: torch.device | str) -> torch.device:
     """Put block ``i`` on ``device`` (read from the checkpoint if the model is lazy); returns where it was."""
     key, block = _block_keys(model, i)
@@ -163,29 +166,6 @@ def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
                 setattr(mod, name, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
 
 
-@contextmanager
-def resident(model: nn.Module, i: int, device: torch.device | str) -> Iterator[nn.Module]:
-    """``with resident(model, i, device) as block:`` block ``i`` on ``device``, back home (or ``meta``) after."""
-    home = place_block(model, i, device)
-    try:
-        yield _block_keys(model, i)[1]
-    finally:
-        release_block(model, i, home)
-
-
-def for_each_block(model: nn.Module, targets: list[Target], device: torch.device | str,
-                   fn: Callable[[int, list[Target]], Any]) -> dict[int, Any]:
-    """Call ``fn(i, targets of block i)`` with block ``i`` resident on ``device``, for every block with targets."""
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
-    out = {}
-    for i in sorted(by_block):
-        with resident(model, i, device):
-            out[i] = fn(i, by_block[i])
-    return out
-
-
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
     return ShardedCheckpoint(folder).total_bytes()
 
@@ -199,16 +179,14 @@ def _available_bytes() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def lazy_from_env() -> bool | None:
-    """``LOWRANK_LAZY_LOAD``: ``1`` always lazy, ``0`` never, unset/``auto``: by size (results are identical)."""
-    v = os.environ.get("LOWRANK_LAZY_LOAD", "auto").strip().lower()
-    if v in ("", "auto"):
+def lazy_setting(value: bool | str | None) -> bool | None:
+    """The ``lazy`` argument of :func:`load_model_streaming` from the config's ``runtime.lazy_load``: ``true``
+    always lazy, ``false`` never, ``auto`` (or ``None``) by size. The results are identical either way."""
+    if value is None or value == "auto":
         return None
-    if v in ("1", "true", "yes"):
-        return True
-    if v in ("0", "false", "no"):
-        return False
-    raise ValueError(f"LOWRANK_LAZY_LOAD must be 1, 0 or auto, got {v!r}")
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"runtime.lazy_load must be true, false or auto, got {value!r}")
 
 
 def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .io import atomic_path
+
 __all__ = ["NEXT_LINE_TASK", "PAPER_TASKS", "next_line_items", "write_items", "task_yaml", "task_manager",
            "check_tasks", "evaluate_zeroshot"]
 
@@ -78,8 +80,6 @@ def next_line_items(text: str, n_items: int, context_lines: int = 3, n_choices: 
 
 def write_items(path: str | os.PathLike, items: Sequence[dict[str, Any]]) -> None:
     """JSON lines, one item per line (the format of lm-eval's ``dataset_path: json``), written atomically."""
-    from .io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n" for it in items))
 

@@ -1,3 +1,6 @@
+from dag import allocator_stats, code_fingerprint, method_spec, ratio_value, scores_for
+
+
 rule allocate:
     """Ranks per target under the parameter budget of {ratio} (kept fraction of target parameters)."""
     input:
@@ -9,7 +12,7 @@ rule allocate:
         allocator=lambda wc: method_spec(wc)["allocator"],
         min_rank_fraction=lambda wc: method_spec(wc)["min_rank_fraction"],
         ratio=ratio_value,
-        core=core_fingerprint("allocation", "accounting"),
+        core=code_fingerprint("allocate"),
     log:
         "logs/allocate/{model}/{method}/{ratio}.log",
     benchmark:

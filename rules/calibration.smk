@@ -1,19 +1,7 @@
+from dag import (
+    code_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, runtime_min_for, runtime_spec, stat_options,
+)
 from lowrank.calibration import STATS
-
-# lowrank modules each statistic kind runs beyond the shared streaming code (for the code fingerprint)
-STAT_MODULES = {
-    "fisher": ("gradients", "streaming"),
-    "asvd_sensitivity": ("sensitivity", "allocation", "gradients", "spaces", "whitening"),
-    "output_kl": ("output_metric", "whitening"),
-}
-
-
-def stat_options(wc):
-    """The statistic's own config slice; ASVD's sensitivity also reads the act_scale exponent it truncates with."""
-    options = dict(config["statistics"].get(wc.stat, {}))
-    if wc.stat == "asvd_sensitivity":
-        options["alpha"] = config["statistics"]["act_scale"]["alpha"]
-    return options
 
 
 rule calibration_stats:
@@ -30,8 +18,8 @@ rule calibration_stats:
         options=stat_options,
         batch_size=config["calibration"]["batch_size"],
         runtime=runtime_spec,
-        core=lambda wc: core_fingerprint("calibration", "model", "factorized", "accounting", "sharded", "streaming",
-                                         "grams", *STAT_MODULES.get(wc.stat, ())),
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
+        core=code_fingerprint("calibration_stats"),
     wildcard_constraints:
         stat="|".join(STATS),
     log:

@@ -1,3 +1,9 @@
+from dag import (
+    code_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, method_spec, previous_stage, runtime_min_for,
+    runtime_spec, source_manifest, stats_for_method,
+)
+
+
 rule correct:
     """Projected correction of stage {stage}-1 toward the teacher, then re-truncation to the same ranks."""
     input:
@@ -12,8 +18,7 @@ rule correct:
         method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "correction")},
         damping=config["whitening"]["damping"],
         runtime=runtime_spec,
-        core=core_fingerprint("correction", "gradients", "truncation", "spaces", "whitening", "checkpoint",
-                              "calibration", "model", "factorized", "accounting", "streaming", "decompose", "sharded"),
+        core=code_fingerprint("correct"),
     wildcard_constraints:
         stage=r"[1-9]\d*",
     log:

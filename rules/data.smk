@@ -1,3 +1,6 @@
+from dag import code_fingerprint, split_spec
+
+
 rule token_windows:
     """Seeded calibration windows, or held-out non-overlapping evaluation windows, as a token tensor."""
     input:
@@ -7,7 +10,7 @@ rule token_windows:
     params:
         split=lambda wc: wc.split,
         spec=split_spec,
-        core=core_fingerprint("data", "model", "factorized", "accounting"),
+        core=code_fingerprint("token_windows"),
     log:
         "logs/token_windows/{model}/{split}.log",
     benchmark:

@@ -1,3 +1,8 @@
+from dag import (
+    code_fingerprint, final_compressed, gpus_for, light_threads, mem_mb_for, runtime_min_for, runtime_spec,
+)
+
+
 rule evaluate_source:
     """Perplexity and size of the dense source model: the reference row of every table."""
     input:
@@ -8,7 +13,7 @@ rule evaluate_source:
     params:
         batch_size=config["evaluation"]["batch_size"],
         runtime=runtime_spec,
-        core=core_fingerprint("evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_ppl"),
     log:
         "logs/evaluate_source/{model}/{source}.log",
     benchmark:
@@ -32,7 +37,7 @@ rule evaluate_compressed:
     params:
         batch_size=config["evaluation"]["batch_size"],
         runtime=runtime_spec,
-        core=core_fingerprint("evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("evaluate_ppl"),
     log:
         "logs/evaluate_compressed/{model}/{method}/{ratio}.log",
     benchmark:

@@ -1,10 +1,9 @@
 # Self-contained Hugging Face folders of the final compressed models (lowrank.hf_format).
 
-
-def hf_folder_targets():
-    if not config["export"]["hf_folder"]:
-        return []
-    return expand("results/{model}/{method}/{ratio}/hf", model=MODELS, method=METHODS, ratio=RATIOS)
+from dag import (
+    calibration_slice, code_fingerprint, final_compressed, mem_mb_for, method_spec, model_spec, runtime_min_for,
+    runtime_spec, source_manifest,
+)
 
 
 rule export_hf_folder:
@@ -22,8 +21,7 @@ rule export_hf_folder:
         method=method_spec,
         calibration=calibration_slice,
         runtime=runtime_spec,
-        core=core_fingerprint("export", "hf_format", "checkpoint", "model", "factorized", "quantized_linear",
-                              "quantization"),
+        core=code_fingerprint("export_hf_folder"),
     log:
         "logs/export_hf_folder/{model}/{method}/{ratio}.log",
     benchmark:

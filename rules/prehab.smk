@@ -1,9 +1,9 @@
 # Low-Rank Prehab (a source model, results/{model}/prehab) and rehab (a fine-tune of compressed factors).
 
-
-def prehab_settings(wc=None):
-    """The prehab run's config slice (reuse_prehab_whitening only changes which statistics later stages read)."""
-    return {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+from dag import (
+    PREHAB_METHODS, code_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_partner, prehab_report_inputs,
+    prehab_settings, rehab_spec, runtime_min_for, runtime_spec, source_manifest,
+)
 
 
 rule prehab:
@@ -20,8 +20,7 @@ rule prehab:
         settings=prehab_settings,
         damping=config["whitening"]["damping"],
         runtime=runtime_spec,
-        core=core_fingerprint("prehab", "finetune", "gradients", "whitening", "calibration", "model", "factorized",
-                              "accounting"),
+        core=code_fingerprint("prehab"),
     log:
         "logs/prehab/{model}.log",
     benchmark:
@@ -33,14 +32,6 @@ rule prehab:
         gpu=gpus_for,
     script:
         "../scripts/prehab.py"
-
-
-def rehab_spec(wc):
-    return config["methods"][wc.method]["rehab"]
-
-
-def last_stage(wc):
-    return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
 rule rehab:
@@ -55,7 +46,7 @@ rule rehab:
     params:
         rehab=rehab_spec,
         runtime=runtime_spec,
-        core=core_fingerprint("rehab", "finetune", "gradients", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("rehab"),
     log:
         "logs/rehab/{model}/{method}/{ratio}.log",
     benchmark:
@@ -67,30 +58,6 @@ rule rehab:
         gpu=gpus_for,
     script:
         "../scripts/rehab.py"
-
-
-def prehab_partner(method):
-    """The same recipe without prehab / rehab, when the config has one (the 'without prehab' column)."""
-    spec = {k: v for k, v in config["methods"][method].items() if k not in ("prehab", "rehab")}
-    for other in METHODS:
-        o = config["methods"][other]
-        if source_of(other) == "pretrained" and {k: v for k, v in o.items() if k not in ("prehab", "rehab")} == spec:
-            return other
-    return None
-
-
-def prehab_report_inputs(wc=None):
-    pairs = [(m, prehab_partner(m)) for m in PREHAB_METHODS]
-    with_ = [f"results/{mo}/{m}/{r}/eval/ppl.json" for mo in MODELS for m, _ in pairs for r in RATIOS]
-    without = [f"results/{mo}/{p}/{r}/eval/ppl.json" for mo in MODELS for _, p in pairs if p for r in RATIOS]
-    return {
-        "dense_before": expand("results/{model}/pretrained/eval/ppl.json", model=MODELS),
-        "dense_after": expand("results/{model}/prehab/eval/ppl.json", model=MODELS),
-        "prehab": expand("results/{model}/prehab/manifest.json", model=MODELS),
-        "spectra": expand("results/{model}/prehab/spectra.safetensors", model=MODELS),
-        "with_prehab": with_,
-        "without_prehab": without,
-    }
 
 
 localrules:
@@ -107,7 +74,7 @@ rule prehab_report:
         plot="results/summary/plots/prehab_spectra.png",
     params:
         pairs=lambda wc: {m: prehab_partner(m) for m in PREHAB_METHODS},
-        core=core_fingerprint("report"),
+        core=code_fingerprint("prehab_report"),
     log:
         "logs/prehab_report.log",
     threads: 1

@@ -1,22 +1,7 @@
-def _check_quantize_config():
-    """Recipes with a quantize stage: a greedy allocator orders the components; no correction stages."""
-    for name, m in config["methods"].items():
-        mode = m.get("quantize", {}).get("mode", "none")
-        if mode == "none":
-            continue
-        if m["allocator"] not in ("zero_sum", "min_abs"):
-            raise ValueError(f"method {name!r}: quantize.mode {mode!r} re-allocates ranks under the byte budget "
-                             f"with a greedy allocator; set allocator to zero_sum or min_abs (not "
-                             f"{m['allocator']!r})")
-        if m.get("rehab", {}).get("steps", 0) > 0:
-            raise ValueError(f"method {name!r}: rehab fine-tunes float factors, which the quantize stage replaces; "
-                             "set rehab.steps to 0 or remove quantize")
-        if m["correction"]["stages"] > 0:
-            raise ValueError(f"method {name!r}: quantize after correction stages is not supported; set "
-                             "correction.stages to 0 or remove quantize")
-
-
-_check_quantize_config()
+from dag import (
+    code_fingerprint, gpus_for, light_threads, mem_mb_for, method_spec, ratio_value, runtime_min_for, runtime_spec,
+    scores_for, shared_decomposition, source_manifest, stats_for_method,
+)
 
 
 rule quantize:
@@ -37,9 +22,7 @@ rule quantize:
         decomposition=config["decomposition"]["method"],
         ratio=ratio_value,
         runtime=runtime_spec,
-        core=core_fingerprint("quantization", "allocation", "quantized_linear", "truncation", "gradients", "spaces",
-                              "whitening", "output_metric", "checkpoint", "calibration", "model", "factorized",
-                              "accounting", "decompose"),
+        core=code_fingerprint("quantize"),
     log:
         "logs/quantize/{model}/{method}/{ratio}.log",
     benchmark:

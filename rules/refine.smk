@@ -1,5 +1,7 @@
-def refine_spec(wc):
-    return method_spec(wc)["refine"]
+from dag import (
+    code_fingerprint, gpu_mem_mb_for, gpus_for, mem_mb_streamed_for, refine_spec, runtime_min_for, runtime_spec,
+    source_manifest, stages_of,
+)
 
 
 rule refine:
@@ -14,8 +16,7 @@ rule refine:
     params:
         refine=refine_spec,
         runtime=runtime_spec,
-        core=core_fingerprint("refine", "calibration", "streaming", "sharded", "grams", "whitening", "checkpoint",
-                              "model", "factorized"),
+        core=code_fingerprint("refine"),
     log:
         "logs/refine/{model}/{method}/{ratio}.log",
     benchmark:

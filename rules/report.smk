@@ -1,3 +1,6 @@
+from dag import METHODS, MODELS, RATIOS, code_fingerprint, speed_models, zeroshot_models
+
+
 localrules:
     summarize,
 
@@ -28,7 +31,7 @@ rule summarize:
                              labels={"plot": "zero-shot accuracy"}),
         speed=report("results/summary/speed.md", category="Tables", labels={"table": "speed and memory"}),
     params:
-        core=core_fingerprint("report"),
+        core=code_fingerprint("summarize"),
     log:
         "logs/summarize.log",
     threads: 1

@@ -1,3 +1,11 @@
+from dag import (
+    code_fingerprint, gpu_mem_mb_for, gpus_for, light_threads, mem_mb_streamed_for, runtime_min_for, runtime_spec,
+    scoring_inputs, scoring_options,
+)
+from lowrank.scoring import SCORERS
+from lowrank.spaces import SPACES
+
+
 rule score_components:
     """Per-component scores of every target in one whitening space (ratio-independent, shared by every ratio)."""
     input:
@@ -12,8 +20,8 @@ rule score_components:
         scoring=scoring_options,
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
-        core=core_fingerprint("scoring", "gradients", "spaces", "whitening", "calibration", "model", "factorized",
-                              "accounting", "decompose", "streaming", "sharded"),
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
+        core=code_fingerprint("score_components"),
     wildcard_constraints:
         scorer="|".join(SCORERS),
         whitening="|".join(SPACES),

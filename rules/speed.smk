@@ -1,13 +1,6 @@
 # Generation speed, peak memory and bytes on disk of the dense and every compressed model.
 
-
-def speed_models():
-    return MODELS if config["evaluation"]["speed"]["enabled"] else []
-
-
-def speed_spec(wc=None):
-    s = config["evaluation"]["speed"]
-    return {k: v for k, v in s.items() if k != "enabled"}
+from dag import code_fingerprint, final_compressed, gpus_for, mem_mb_for, runtime_min_for, runtime_spec, speed_spec
 
 
 rule measure_speed_source:
@@ -19,7 +12,7 @@ rule measure_speed_source:
     params:
         speed=speed_spec,
         runtime=runtime_spec,
-        core=core_fingerprint("speed", "evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("measure_speed"),
     log:
         "logs/measure_speed_source/{model}/{source}.log",
     benchmark:
@@ -43,7 +36,7 @@ rule measure_speed:
     params:
         speed=speed_spec,
         runtime=runtime_spec,
-        core=core_fingerprint("speed", "evaluation", "checkpoint", "model", "factorized", "accounting"),
+        core=code_fingerprint("measure_speed"),
     log:
         "logs/measure_speed/{model}/{method}/{ratio}.log",
     benchmark:

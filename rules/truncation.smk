@@ -1,3 +1,10 @@
+from dag import (
+    code_fingerprint, gpu_mem_mb_for, gpus_for, light_threads, mem_mb_streamed_for, method_spec, runtime_min_for,
+    runtime_spec, shared_decomposition, source_manifest, stats_for_method, whitening_stats,
+)
+from lowrank.spaces import SPACES
+
+
 rule decompose:
     """Every target's components in one space: the thin SVD T^T W S = U Sigma V^T as W = P_out Sigma P_in^T
     (P_out = T^-T U, P_in^T = V^T S^-1 in float32, sigma in float64), read by every truncation and quantize job of
@@ -11,8 +18,8 @@ rule decompose:
         damping=config["whitening"]["damping"],
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
-        core=core_fingerprint("truncation", "decompose", "spaces", "whitening", "calibration", "output_metric",
-                              "model", "sharded", "io"),
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
+        core=code_fingerprint("decompose"),
     wildcard_constraints:
         whitening="|".join(SPACES),
     log:
@@ -44,9 +51,8 @@ rule truncate:
         damping=config["whitening"]["damping"],
         decomposition=config["decomposition"]["method"],
         runtime=runtime_spec,
-        core=core_fingerprint("truncation", "spaces", "whitening", "checkpoint", "calibration", "model",
-                              "factorized", "accounting", "allocation", "decompose", "resume",
-                              "sharded"),
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
+        core=code_fingerprint("truncate"),
     log:
         "logs/truncate/{model}/{method}/{ratio}.log",
     benchmark:

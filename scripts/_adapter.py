@@ -9,8 +9,9 @@ from typing import Any, Iterator
 
 import torch
 
-from lowrank.calibration import STATS, load_stat
 from lowrank.runtime import parse_dtype, resolve_device, seed_everything, set_threads, setup_logging
+from lowrank.sharded import lazy_setting
+from lowrank.statistics import STAT_LOADERS, load_stat
 
 
 @dataclass
@@ -40,6 +41,12 @@ def stage(smk: Any) -> Iterator[Stage]:
         raise
 
 
+def lazy_load(smk: Any) -> bool | None:
+    """The rule's ``lazy_load`` param (config ``runtime.lazy_load``) as :func:`lowrank.sharded.load_model_streaming`
+    takes it: True / False, or None = by size."""
+    return lazy_setting(param(smk, "lazy_load", "auto"))
+
+
 def load_stats(smk: Any) -> dict[str, Any]:
     """Every calibration statistic among the rule's named inputs, keyed by kind (``input_gram``, ...)."""
-    return {k: load_stat(smk.input[k]) for k in smk.input.keys() if k in STATS}
+    return {k: load_stat(smk.input[k]) for k in smk.input.keys() if k in STAT_LOADERS}

@@ -1,23 +1,22 @@
 """Rule calibration_stats: one statistic kind of the source model over the calibration windows."""
 
-from _adapter import stage
+from _adapter import lazy_load, stage
 
 from lowrank.calibration import STATS
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import load_model
-from lowrank.sharded import lazy_from_env, load_model_streaming
-
-# statistics computed block by block (a lazy, larger-than-memory model works for them)
-STREAMED = ("input_gram", "act_scale", "fisher")
+from lowrank.sharded import load_model_streaming
 
 
 def run(smk) -> None:
     with stage(smk) as st:
         kind, options = smk.params.stat, dict(smk.params.options)
-        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env()) if kind in STREAMED
+        # a statistic computed block by block works on a lazy, larger-than-memory model
+        streamed = STATS[kind].streamed
+        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk)) if streamed
                  else load_model(smk.input.manifest, dtype=st.dtype))
         windows = load_tensors(smk.input.windows)[0]["tokens"]
-        stats = STATS[kind](model, windows, smk.params.batch_size, st.device, **options)
+        stats = STATS[kind].collect(model, windows, smk.params.batch_size, st.device, **options)
         tensors, meta = stats.to_tensors()
         st.log.info("%s %s: %d tensors from %d calibration windows", kind, options or "", len(tensors),
                     windows.shape[0])

@@ -6,10 +6,10 @@ from pathlib import Path
 from _adapter import stage
 
 from lowrank import __version__
-from lowrank.calibration import load_stat
 from lowrank.io import load_tensors, read_json, save_tensors, write_json
 from lowrank.model import check_finite_weights, load_model, load_tokenizer
 from lowrank.prehab import PrehabConfig, prehab
+from lowrank.statistics import load_stat
 
 
 def run(smk) -> None:

@@ -1,12 +1,13 @@
 """Rule score_components: per-component scores of every target in one whitening space (ratio-independent)."""
 
-from _adapter import load_stats, stage
+from _adapter import lazy_load, load_stats, stage
 
+from lowrank.blocks import for_each_block
 from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import find_targets, load_model
 from lowrank.scoring import SCORERS, score_targets
-from lowrank.sharded import for_each_block, is_lazy, lazy_from_env, load_model_streaming
+from lowrank.sharded import is_lazy, load_model_streaming
 from lowrank.streaming import fused_scores
 
 
@@ -18,7 +19,7 @@ def run(smk) -> None:
         streamed = (bool(opts.get("streamed", True)) or SCORERS[scorer].from_components is not None) and needs
         stats, decomposition = load_stats(smk), getattr(smk.params, "decomposition", "svd")
         # streamed: one block at a time on the device, the model in CPU memory (or lazy, from its shards)
-        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env()) if streamed
+        model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk)) if streamed
                  else load_model(smk.input.manifest, dtype=st.dtype, device=st.device))
         targets = find_targets(model)
         grads = None

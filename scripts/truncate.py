@@ -4,7 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
-from _adapter import load_stats, stage
+from _adapter import lazy_load, load_stats, stage
 
 from lowrank.allocation import Allocation
 from lowrank.checkpoint import save_compressed
@@ -12,13 +12,13 @@ from lowrank.decompose import StoredDecompositions
 from lowrank.io import config_hash, read_json
 from lowrank.model import find_targets
 from lowrank.resume import truncate_blocks
-from lowrank.sharded import lazy_from_env, load_model_streaming
+from lowrank.sharded import load_model_streaming
 
 
 def run(smk) -> None:
     with stage(smk) as st:
         method = dict(smk.params.method)
-        model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_from_env())
+        model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk))
         alloc = Allocation.from_json(read_json(smk.input.allocation))
         stats = load_stats(smk)
         # one factor file per block under parts/: a rerun after a crash loads the finished blocks

@@ -320,7 +320,7 @@ def test_act_scale_alpha_is_a_power_of_the_mean_abs(arch) -> None:
 
 
 def test_registries_hold_the_baselines() -> None:
-    assert STATS["act_scale"] is collect_act_scales and STATS["fisher"] is collect_fisher
+    assert STATS["act_scale"].collect is collect_act_scales and STATS["fisher"].collect is collect_fisher
     assert set(STATS) == set(STAT_LOADERS)
     assert SPACES["act_scale"].stat == "act_scale" and SPACES["fisher"].stat == "fisher"
     assert {s.stat for s in SPACES.values() if s.stat} <= set(STATS)

@@ -142,7 +142,7 @@ def test_target_subset(tiny_llama, token_windows, cpu):
 
 
 def test_stats_registry():
-    assert STATS["input_gram"] is collect_input_grams
+    assert STATS["input_gram"].collect is collect_input_grams
 
 
 def test_whitening_factor_cached_per_group(llama_grams):

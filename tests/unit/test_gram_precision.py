@@ -26,7 +26,8 @@ def test_mixed_equals_float64(dtype):
 def test_precision_resolution(monkeypatch):
     assert resolve_precision("auto", torch.device("cpu")) == "float64"
     assert resolve_precision("auto", torch.device("cuda")) == "mixed"
-    monkeypatch.setenv("LOWRANK_GRAM_PRECISION", "float64")
-    assert resolve_precision("auto", torch.device("cuda")) == "float64"
+    assert resolve_precision("float64", torch.device("cuda")) == "float64"
+    monkeypatch.setenv("LOWRANK_GRAM_PRECISION", "float64")  # the config key statistics.input_gram.precision
+    assert resolve_precision("auto", torch.device("cuda")) == "mixed"  # replaced the environment switch
     with pytest.raises(ValueError, match="Gram precision"):
         resolve_precision("fp8", torch.device("cpu"))

@@ -82,9 +82,9 @@ def test_top_k_metric_is_dominated_by_the_full_one(make_llama, token_windows):
 
 
 def test_registered_round_trip_and_factor(make_llama, token_windows, cpu):
-    assert STATS["output_kl"] is collect_output_kl
+    assert STATS["output_kl"].collect is collect_output_kl
     model = make_llama(seed=0)
-    m = STATS["output_kl"](model, token_windows, 4, cpu, top_k=3, max_windows=2, damping=1e-2)
+    m = STATS["output_kl"].collect(model, token_windows, 4, cpu, top_k=3, max_windows=2, damping=1e-2)
     assert m.windows == 2 and m.tokens == 2 * token_windows.shape[1]
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     tensors, meta = m.to_tensors()

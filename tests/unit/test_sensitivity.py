@@ -11,10 +11,11 @@ import torch
 import yaml
 
 from lowrank.accounting import TargetShape, stored_params
+from lowrank.allocation import sensitivity_ranks
 from lowrank.calibration import collect_act_scales, collect_input_grams
 from lowrank.gradients import calibration_loss
 from lowrank.model import find_targets, linear_weight, load_source, resolve_source, weight_is_transposed
-from lowrank.sensitivity import CANDIDATE_RATIOS, Sensitivity, candidate_rank, measure_sensitivity, sensitivity_ranks
+from lowrank.sensitivity import CANDIDATE_RATIOS, Sensitivity, candidate_rank, measure_sensitivity
 from lowrank.spaces import input_factor
 from lowrank.truncation import truncate
 
@@ -134,7 +135,7 @@ def test_limits_and_errors() -> None:
 def test_allocate_dispatches_the_sensitivity_allocator() -> None:
     from lowrank.accounting import TargetShape
     from lowrank.allocation import allocate
-    from lowrank.sensitivity import CANDIDATE_RATIOS, Sensitivity, sensitivity_ranks
+    from lowrank.sensitivity import CANDIDATE_RATIOS, Sensitivity
 
     shapes = {"a": TargetShape(16, 16), "b": TargetShape(32, 16)}
     table = Sensitivity(ppl={"a": torch.linspace(9, 4, 6, dtype=torch.float64),

@@ -13,7 +13,8 @@ from lowrank.calibration import collect_input_grams
 from lowrank.checkpoint import factor_state
 from lowrank.model import find_blocks, find_targets
 from lowrank.resume import part_path, truncate_blocks
-from lowrank.sharded import ShardedCheckpoint, is_lazy, load_lazy_model, resident
+from lowrank.blocks import resident
+from lowrank.sharded import ShardedCheckpoint, is_lazy, load_lazy_model
 from lowrank.streaming import streamed_gradients
 
 

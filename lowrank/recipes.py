@@ -1,0 +1,141 @@
+"""Typed, frozen recipes: one ``methods.<name>`` entry of the config as a :class:`Recipe`.
+
+:meth:`Recipe.from_dict` builds it once from the (schema-validated) dict and holds every rule that relates two
+fields of a recipe, each a ``ValueError`` naming the recipe and the fix:
+
+* a greedy allocator (``zero_sum``, ``min_abs``: :data:`lowrank.allocation.GREEDY_ALLOCATORS`) ranks components
+  across matrices by their predicted loss change, so it needs a loss-change scorer, not ``sigma``;
+* a quantize stage re-allocates ranks under the byte budget with a greedy allocator, and excludes rehab (which
+  fine-tunes float factors) and correction stages;
+* prehab shapes the spectrum of ``W S`` in a statistics space, so it needs a whitening that reads one;
+* a refine stage excludes quantize and rehab (:func:`lowrank.refine.check_recipe`).
+
+Single-field ranges (enums, minima) are the schema's; :meth:`Recipe.from_dict` fills the schema's defaults for
+a partial dict, so a test or a notebook can build one from ``{"scorer": ..., "allocator": ...}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .allocation import ALLOCATORS, GREEDY_ALLOCATORS
+from .refine import RefineConfig, check_recipe
+from .scoring import SCORERS
+from .spaces import SPACES
+
+__all__ = ["Correction", "Quantize", "Rehab", "Recipe"]
+
+
+def _section(cls: type, name: str, recipe: str, values: dict[str, Any] | None) -> Any:
+    """``cls(**values)``, or a ``ValueError`` naming an unknown key of the recipe's ``name`` section."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"method {recipe!r}: unknown {name} keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """ZS-SVD's projected corrections after the truncation: ``stages`` (0 = one-shot), calibration ``windows``
+    per stage, ``batch_size``, and up to ``backtrack`` halvings of a step that raises the calibration loss."""
+
+    stages: int = 0
+    windows: int = 4
+    batch_size: int = 2
+    backtrack: int = 3
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Hybrid low-rank + int8 storage (``mode``: ``none``, ``remap``, ``hq``, ``loss_aware``); the loss-aware
+    mode's gradient comes from ``gradient_windows`` calibration windows in batches of ``gradient_batch_size``."""
+
+    mode: str = "none"
+    gradient_windows: int = 8
+    gradient_batch_size: int = 2
+
+
+@dataclass(frozen=True)
+class Rehab:
+    """A short fine-tune of the low-rank factors after the last stage (``steps = 0``: none)."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    optimizer: str = "adam"
+    seed: int = 0
+    checkpoint_every: int = 25
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One compression recipe: the space (``whitening``), the per-component ``scorer``, the rank ``allocator``
+    (with its ``min_rank_fraction`` floor), and the optional stages around the truncation."""
+
+    name: str
+    scorer: str
+    allocator: str
+    whitening: str = "none"
+    min_rank_fraction: float = 0.0
+    correction: Correction = field(default_factory=Correction)
+    quantize: Quantize = field(default_factory=Quantize)
+    prehab: bool = False
+    rehab: Rehab = field(default_factory=Rehab)
+    refine: RefineConfig | None = None  # None: no refine stage
+
+    @property
+    def source(self) -> str:
+        """The model the recipe compresses: ``prehab`` or ``pretrained``."""
+        return "prehab" if self.prehab else "pretrained"
+
+    @property
+    def greedy(self) -> bool:
+        return ALLOCATORS[self.allocator].greedy
+
+    @classmethod
+    def from_dict(cls, name: str, spec: dict[str, Any]) -> "Recipe":
+        """The recipe ``methods.<name>`` of the config, checked (see the module docstring)."""
+        known = {f.name for f in fields(cls)} - {"name"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"method {name!r}: unknown keys {unknown}; known: {sorted(known)}")
+        for key, registry in (("scorer", SCORERS), ("allocator", ALLOCATORS), ("whitening", SPACES)):
+            value = spec.get(key, "none" if key == "whitening" else None)
+            if value not in registry:
+                raise ValueError(f"method {name!r}: {key} {value!r} is not one of {sorted(registry)}")
+        recipe = cls(name=name, scorer=spec["scorer"], allocator=spec["allocator"],
+                     whitening=spec.get("whitening", "none"),
+                     min_rank_fraction=float(spec.get("min_rank_fraction", 0.0)),
+                     correction=_section(Correction, "correction", name, spec.get("correction")),
+                     quantize=_section(Quantize, "quantize", name, spec.get("quantize")),
+                     prehab=bool(spec.get("prehab", False)),
+                     rehab=_section(Rehab, "rehab", name, spec.get("rehab")),
+                     refine=check_recipe(name, spec))
+        recipe._check()
+        return recipe
+
+    def _check(self) -> None:
+        name = self.name
+        if self.greedy and self.scorer == "sigma":
+            raise ValueError(f"method {name!r}: allocator {self.allocator!r} ranks components across matrices by "
+                             "their predicted loss change; use scorer first_order or second_order (sigma values "
+                             "of different matrices are not comparable)")
+        mode = self.quantize.mode
+        if mode != "none":
+            if self.allocator not in GREEDY_ALLOCATORS:
+                raise ValueError(f"method {name!r}: quantize.mode {mode!r} re-allocates ranks under the byte "
+                                 f"budget with a greedy allocator; set allocator to zero_sum or min_abs (not "
+                                 f"{self.allocator!r})")
+            if self.rehab.steps > 0:
+                raise ValueError(f"method {name!r}: rehab fine-tunes float factors, which the quantize stage "
+                                 "replaces; set rehab.steps to 0 or remove quantize")
+            if self.correction.stages > 0:
+                raise ValueError(f"method {name!r}: quantize after correction stages is not supported; set "
+                                 "correction.stages to 0 or remove quantize")
+        if self.prehab and SPACES[self.whitening].stat is None:
+            raise ValueError(f"method {name!r} has prehab: true but whitening {self.whitening!r}, which reads no "
+                             "calibration statistics: prehab shapes the spectrum of W S in the input_gram space, "
+                             "so compress it there. Set whitening: input_gram (or drop prehab from the recipe)")
