@@ -21,6 +21,18 @@ objective in plain coordinates; see the method note §1.5, §1.9). Surrogates ``
   of ``M`` does not depend on the number of calibration tokens).
 * ``effective_rank``: ``exp(H(p))``, ``p_i = σ̃_i / Σ_j σ̃_j``, ``σ̃_i = √(λ_i + ε)`` (Roy & Vetterli's entropy
   effective rank, ridged like the nuclear norm so that ``log p`` is finite).
+* ``tail_energy``: ``Σ_{i>k} σ_i(M)² / E₀`` with ``k`` the rank the planned allocation keeps for this target
+  (``prehab.plan``: a recipe and kept fraction, allocated on the PRETRAINED model) and ``E₀ = ‖W₀ S‖_F²`` the
+  pretrained whitened energy, a constant. Its value is exactly the relative whitened output error that
+  truncating ``M`` to rank ``k`` costs (SVD-LLM's loss, Eckart-Young), so it aims at what truncation removes. The
+  three scale-invariant surrogates above fall when ``σ_1`` grows (with ``σ_1`` dominating the whitened spectrum,
+  the stable rank falls that way while the tail stays); a FIXED denominator cannot be lowered by growing the
+  head, only by moving energy out of the tail (or by shrinking ``W``, which the CE term resists). A target the
+  plan leaves dense (``k`` None or ``k ≥ min(m, n)``) adds 0.
+
+Every surrogate run with a plan also records, per logged step, ``tail`` = the mean over targets of that same
+relative tail energy at the planned ranks: the predicted truncation loss of the plan, the number prehab should
+lower (``prehab_report`` plots it).
 
 The two eigenvalue surrogates are spectral functions ``F(M) = f(λ(MᵀM))`` whose gradient is formed directly as
 ``∂F/∂M = 2 M Q diag(∂f/∂λ) Qᵀ`` from the eigenvectors ``Q`` of the Gram. Differentiating through ``eigh``
@@ -41,9 +53,9 @@ from torch import nn
 from .finetune import OPTIMIZERS, TrainResult, train
 from .model import Target, find_targets, linear_weight
 
-__all__ = ["SURROGATES", "power_iteration", "stable_rank", "nuclear_norm", "effective_rank", "lambda_schedule",
-           "PrehabConfig", "RankPenalty", "whitened_factors", "whitened_spectra", "rank_summary", "prehab",
-           "PrehabResult"]
+__all__ = ["SURROGATES", "power_iteration", "stable_rank", "nuclear_norm", "effective_rank", "tail_energy",
+           "relative_tail", "lambda_schedule", "PrehabConfig", "RankPenalty", "whitened_factors", "whitened_spectra",
+           "whitened_spectra_of", "rank_summary", "prehab", "PrehabResult"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +148,31 @@ def effective_rank(M: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     return _Spectral.apply(M, f)
 
 
+def tail_energy(M: torch.Tensor, k: int, energy: float) -> torch.Tensor:
+    """``Σ_{i>k} σ_i(M)² / energy``: the whitened energy beyond rank ``k`` (the smallest ``min(m, n) − k``
+    eigenvalues of the smaller Gram) over a fixed ``energy`` (``‖W₀ S‖_F²`` of the pretrained weight). Gradient
+    ``2 M Q_tail Q_tailᵀ / energy`` (the spectral form; a subgradient where ``σ_k = σ_{k+1}``)."""
+    if not energy > 0:
+        raise ValueError(f"tail_energy needs a positive reference energy, got {energy!r} (an all-zero weight?)")
+
+    def f(lam: torch.Tensor) -> torch.Tensor:
+        tail = max(lam.numel() - int(k), 0)
+        return lam[:tail].sum() / energy if tail else (lam * 0).sum()  # eigh: ascending, the tail comes first
+
+    return _Spectral.apply(M, f)
+
+
+@torch.no_grad()
+def relative_tail(sigmas: dict[str, torch.Tensor], ranks: dict[str, int | None],
+                  energies: dict[str, float]) -> dict[str, float]:
+    """``Σ_{i>k} σ_i² / E₀`` per target from descending singular values (0 where the plan keeps it dense)."""
+    out = {}
+    for name, s in sigmas.items():
+        k = ranks.get(name)
+        out[name] = 0.0 if k is None or k >= s.numel() else float(s[int(k):].square().sum() / energies[name])
+    return out
+
+
 @dataclass(frozen=True)
 class Surrogate:
     description: str
@@ -147,6 +184,8 @@ SURROGATES: dict[str, Surrogate] = {
                              True),
     "nuclear": Surrogate("Σ√(λ(MᵀM)+ε), relative ridge (the reference's ViT choice; scale dependent)", False),
     "effective_rank": Surrogate("exp(entropy of σ/Σσ), ridged", False),
+    "tail_energy": Surrogate("Σ_{i>k}σ_i² / ‖W₀S‖_F² at the planned ranks k (prehab.plan): the truncation loss "
+                             "itself, with a fixed denominator σ_1 growth cannot game", False),
 }
 
 
@@ -177,10 +216,17 @@ class PrehabConfig:
     power_iters: int = 10
     ridge: float = 1e-6
     log_every: int = 1
+    plan: dict[str, Any] | None = None  # {method, ratio}: the allocation whose ranks tail_energy and `tail` use
 
     def __post_init__(self) -> None:
         if self.surrogate not in SURROGATES:
             raise ValueError(f"prehab.surrogate {self.surrogate!r} is unknown; choose one of {sorted(SURROGATES)}")
+        if self.surrogate == "tail_energy" and not self.plan:
+            raise ValueError("prehab.surrogate tail_energy needs prehab.plan: {method: <a recipe without prehab>, "
+                             "ratio: <kept fraction>}, whose allocation on the pretrained model gives the ranks")
+        if self.plan is not None and (set(self.plan) != {"method", "ratio"} or not 0 < float(self.plan["ratio"]) < 1):
+            raise ValueError(f"prehab.plan = {self.plan!r} must be {{method: <recipe>, ratio: <kept fraction in "
+                             "(0, 1)>}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"prehab.optimizer {self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
         for name in ("lambda0", "lambda_max", "lr", "ridge"):
@@ -236,12 +282,18 @@ def whitened_spectra(model: nn.Module, targets: list[Target], factors: dict[str,
                      ) -> dict[str, torch.Tensor]:
     """Singular values (float64, descending) of ``M_k = W_k S_k`` for every target, as ``√λ`` of the smaller Gram
     (``eigvalsh`` is several times cheaper than an SVD; values below ~1e-8 σ_max are round-off)."""
+    return whitened_spectra_of({t.name: model.get_submodule(t.name) for t in targets}, factors)
+
+
+@torch.no_grad()
+def whitened_spectra_of(modules: dict[str, nn.Module], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`whitened_spectra` of named modules."""
     out = {}
-    for t in targets:
-        W = linear_weight(model.get_submodule(t.name)).detach().to(torch.float64)
-        M = W @ factors[t.name].to(W.device, torch.float64)
+    for name, mod in modules.items():
+        W = linear_weight(mod).detach().to(torch.float64)
+        M = W @ factors[name].to(W.device, torch.float64)
         G = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
-        out[t.name] = torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).cpu()
+        out[name] = torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).cpu()
     return out
 
 
@@ -269,15 +321,30 @@ class RankPenalty:
     """``λ(t) · (1/K) Σ_k s(W_k S_k)`` over the targets; keeps the power-iteration vectors between steps."""
 
     def __init__(self, model: nn.Module, targets: list[Target], factors: dict[str, torch.Tensor],
-                 cfg: PrehabConfig) -> None:
+                 cfg: PrehabConfig, ranks: dict[str, int | None] | None = None) -> None:
         self.modules = {t.name: model.get_submodule(t.name) for t in targets}
         self.factors = factors
         self.cfg = cfg
         self.vectors: dict[str, torch.Tensor] = {}
+        if cfg.surrogate == "tail_energy" and ranks is None:
+            raise ValueError("the tail_energy surrogate needs the planned ranks (prehab.plan's allocation)")
+        self.ranks = ranks
+        self.energies: dict[str, float] = {}
+        if ranks is not None:
+            missing = sorted(set(self.modules) - set(ranks))
+            if missing:
+                raise ValueError(f"the planned allocation has no rank for {len(missing)} targets, e.g. "
+                                 f"{missing[:3]}: it belongs to another model; rerun its allocate job")
+            with torch.no_grad():  # E₀ = ‖W₀ S‖_F², fixed at the start (the pretrained weights)
+                self.energies = {n: float((linear_weight(m).to(factors[n].dtype) @ factors[n]).square().sum())
+                                 for n, m in self.modules.items()}
 
     def _value(self, name: str, mod: nn.Module) -> torch.Tensor:
         S = self.factors[name]
         M = linear_weight(mod).to(S.dtype) @ S
+        if self.cfg.surrogate == "tail_energy":
+            k = self.ranks[name] if self.ranks is not None else None
+            return tail_energy(M, min(M.shape) if k is None else int(k), self.energies[name])
         if self.cfg.surrogate == "stable_rank":
             val, v = stable_rank(M, self.vectors.get(name), self.cfg.power_iters)
             self.vectors[name] = v.detach()
@@ -306,7 +373,17 @@ class RankPenalty:
                 (val * (lam / K)).backward()
             total += float(val.detach())
         R = total / K
-        return torch.tensor(lam * R), {"lambda": lam, "surrogate": R}
+        logs = {"lambda": lam, "surrogate": R}
+        if self.ranks is not None:
+            logs["tail"] = R if self.cfg.surrogate == "tail_energy" else self.planned_tail()
+        return torch.tensor(lam * R), logs
+
+    @torch.no_grad()
+    def planned_tail(self) -> float:
+        """Mean over targets of ``Σ_{i>k} σ_i² / E₀`` at the planned ranks: the plan's predicted truncation loss."""
+        sig = whitened_spectra_of(self.modules, self.factors)
+        per = relative_tail(sig, self.ranks or {}, self.energies)
+        return sum(per.values()) / max(1, len(per))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"v.{n}": v for n, v in self.vectors.items()}
@@ -332,12 +409,13 @@ class PrehabResult:
 
 
 def prehab(model: nn.Module, windows: torch.Tensor, grams: Any, cfg: PrehabConfig, damping: float = 1e-6,
-           device: torch.device | str = "cpu", checkpoint: str | None = None, stop_after: int | None = None
-           ) -> PrehabResult:
+           device: torch.device | str = "cpu", checkpoint: str | None = None, stop_after: int | None = None,
+           ranks: dict[str, int | None] | None = None) -> PrehabResult:
     """Run prehab in place on ``model`` (its targets' weights change; nothing else does).
 
     ``grams``: the pretrained model's ``input_gram`` statistics (:class:`lowrank.calibration.InputGrams`);
-    ``checkpoint``: file to resume from / write every ``cfg.checkpoint_every`` steps.
+    ``checkpoint``: file to resume from / write every ``cfg.checkpoint_every`` steps; ``ranks``: the planned
+    allocation's rank per target (``None`` = kept dense), needed by ``tail_energy`` and recorded as ``tail``.
     """
     targets = find_targets(model)
     factors = whitened_factors(targets, grams, damping, device=device)
@@ -347,7 +425,7 @@ def prehab(model: nn.Module, windows: torch.Tensor, grams: Any, cfg: PrehabConfi
         if not isinstance(p, nn.Parameter):
             raise TypeError(f"target {name} has no trainable weight parameter (a transposed Conv1D view?); prehab "
                             "trains nn.Linear weights")
-    penalty = RankPenalty(model, targets, factors, cfg)
+    penalty = RankPenalty(model, targets, factors, cfg, ranks)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")}
     settings["damping"] = damping
     res = train(model, params, windows, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,

@@ -13,7 +13,8 @@ from lowrank.calibration import collect_input_grams
 from lowrank.finetune import batch_indices, make_optimizer
 from lowrank.model import find_targets, linear_weight
 from lowrank.prehab import (PrehabConfig, RankPenalty, effective_rank, lambda_schedule, nuclear_norm, prehab,
-                            rank_summary, stable_rank, whitened_factors, whitened_spectra)
+                            rank_summary, relative_tail, stable_rank, tail_energy, whitened_factors,
+                            whitened_spectra)
 
 D = torch.float64
 
@@ -55,11 +56,32 @@ def test_nuclear_and_effective_rank_equal_hand_values() -> None:
     assert float(nuclear_norm(M2, ridge)) == pytest.approx(sum(st2), rel=1e-10)
 
 
-@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank"])
+def test_tail_energy_is_the_truncation_error_over_a_fixed_energy() -> None:
+    M = _matrix(SIG)
+    E0 = 20.0
+    for k, tail in ((0, 9 + 4 + 1 + 0.25), (1, 4 + 1 + 0.25), (2, 1.25), (3, 0.25), (4, 0.0), (9, 0.0)):
+        assert float(tail_energy(M, k, E0)) == pytest.approx(tail / E0, rel=1e-10, abs=1e-14)
+    # Eckart-Young: it equals the Frobenius error of the best rank-k approximation, relative to E0
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    best2 = U[:, :2] @ torch.diag(s[:2]) @ Vh[:2]
+    assert float(tail_energy(M, 2, E0)) == pytest.approx(float((M - best2).square().sum()) / E0, rel=1e-10)
+    # growing the head (σ_1) does not lower it, unlike the scale-invariant surrogates
+    M_head = _matrix([30.0, 2.0, 1.0, 0.5])
+    assert float(tail_energy(M_head, 1, E0)) == pytest.approx(float(tail_energy(M, 1, E0)), rel=1e-10)
+    assert float(stable_rank(M_head, iters=200)[0]) < float(stable_rank(M, iters=200)[0])
+    assert relative_tail({"a": s}, {"a": 1}, {"a": E0})["a"] == pytest.approx(5.25 / E0, rel=1e-10)
+    assert relative_tail({"a": s}, {"a": None}, {"a": E0})["a"] == 0.0
+    with pytest.raises(ValueError, match="positive reference energy"):
+        tail_energy(M, 1, 0.0)
+
+
+@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy", "tail_energy_wide"])
 def test_gradients_match_finite_differences(name: str) -> None:
-    M = _matrix([3.0, 2.0, 1.0, 0.5], m=5, n=4, seed=1).requires_grad_(True)
+    M = _matrix([3.0, 2.0, 1.0, 0.5], m=5, n=4, seed=1)
+    M = (M.T if name.endswith("wide") else M).clone().requires_grad_(True)
     f = {"stable_rank": lambda X: stable_rank(X, iters=300)[0], "nuclear": lambda X: nuclear_norm(X),
-         "effective_rank": lambda X: effective_rank(X)}[name]
+         "effective_rank": lambda X: effective_rank(X), "tail_energy": lambda X: tail_energy(X, 2, 7.0),
+         "tail_energy_wide": lambda X: tail_energy(X, 1, 7.0)}[name]
     (g,) = torch.autograd.grad(f(M), M)
     h = 1e-6
     fd = torch.zeros_like(M)
@@ -72,9 +94,10 @@ def test_gradients_match_finite_differences(name: str) -> None:
     assert torch.allclose(g, fd, rtol=1e-5, atol=1e-7), (g - fd).abs().max()
 
 
-@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank"])
+@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy"])
 def test_gradients_stay_finite_for_repeated_and_zero_singular_values(name: str) -> None:
-    f = {"stable_rank": lambda X: stable_rank(X)[0], "nuclear": nuclear_norm, "effective_rank": effective_rank}[name]
+    f = {"stable_rank": lambda X: stable_rank(X)[0], "nuclear": nuclear_norm, "effective_rank": effective_rank,
+         "tail_energy": lambda X: tail_energy(X, 1, 1.0)}[name]
     for M in (_matrix([1.0, 1.0, 1.0, 1.0]), _matrix([2.0, 2.0, 0.0, 0.0]), torch.eye(4, dtype=D),
               _matrix([1e-150, 1e-150, 1e-160]), torch.zeros(4, 3, dtype=D)):
         X = M.clone().requires_grad_(True)
@@ -110,6 +133,9 @@ def test_lambda_schedule_is_exponential_then_constant() -> None:
     ({"lr": 0.0}, "lr = 0.0 must be > 0"),
     ({"optimizer": "lion"}, "optimizer 'lion' is unknown"),
     ({"step": 3}, "unknown prehab settings"),
+    ({"surrogate": "tail_energy"}, "tail_energy needs prehab.plan"),
+    ({"plan": {"method": "svd-llm", "ratio": 1.5}}, "plan = .* must be"),
+    ({"plan": {"method": "svd-llm"}}, "plan = .* must be"),
 ])
 def test_bad_settings_name_the_value(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -155,6 +181,36 @@ def test_one_step_lowers_the_surrogate(setup) -> None:
     names = {f"{t.name}.weight" for t in targets}
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, frozen[n])}
     assert moved == names
+
+
+def test_tail_energy_prehab_lowers_the_planned_truncation_loss_and_records_it(setup) -> None:
+    """One step of the tail surrogate lowers the relative tail energy at the planned ranks, the quantity that
+    truncation to those ranks removes; a stable-rank run with the same plan records the same quantity as
+    ``tail`` without optimising it."""
+    model, windows, grams = setup
+    targets = find_targets(model)
+    ranks = {t.name: max(1, min(t.shape.m, t.shape.n) // 2) for t in targets}
+    ranks[targets[0].name] = None  # kept dense by the plan: contributes 0
+    plan = {"method": "svd-llm", "ratio": 0.5}
+    base = copy.deepcopy(model)
+    factors = whitened_factors(targets, grams, 1e-6)
+    cfg = PrehabConfig(surrogate="tail_energy", plan=plan, steps=1, lambda0=100.0, lambda_max=100.0, warmup_steps=0,
+                       lr=1e-2, batch_size=4, checkpoint_every=0)
+    pen = RankPenalty(model, targets, factors, cfg, ranks)
+    t0 = float(pen.values().detach().mean())
+    assert pen.planned_tail() == pytest.approx(t0, rel=1e-4)
+    res = prehab(model, windows, grams, cfg, ranks=ranks)
+    rec = res.train.history[0]
+    assert rec["tail"] == pytest.approx(t0, rel=1e-4) and rec["surrogate"] == rec["tail"]
+    assert pen.planned_tail() < 0.9 * t0  # the same penalty object: E₀ fixed at the pretrained weights
+    control = PrehabConfig(plan=plan, steps=1, lambda0=100.0, lambda_max=100.0, warmup_steps=0, lr=1e-2,
+                           batch_size=4, checkpoint_every=0)
+    res2 = prehab(base, windows, grams, control, ranks=ranks)
+    assert res2.train.history[0]["tail"] == pytest.approx(t0, rel=1e-4)
+    with pytest.raises(ValueError, match="needs the planned ranks"):
+        RankPenalty(model, targets, factors, cfg)
+    with pytest.raises(ValueError, match="no rank for 1 targets"):
+        RankPenalty(model, targets, factors, cfg, {k: v for k, v in list(ranks.items())[1:]})
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
