@@ -17,6 +17,7 @@
 #   tasks/lowrank_next_line.jsonl                      next_line_task (the offline zero-shot task's items)
 #   summary/table.csv, table.md, metrics.json, plots/  summarize
 #   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
+#   {model}/prehab-control/...   (the same, lambda = 0)      prehab (source of recipes with `prehab: control`)
 #   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
 #   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
 #   {model}/{method}/{ratio}/refine/                   refine       (recipes with refine.mode; evaluation reads it)

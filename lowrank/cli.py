@@ -48,7 +48,7 @@ def describe(recipe: dict[str, Any]) -> str:
     if recipe.get("correction", {}).get("stages"):
         extras.append(f"{recipe['correction']['stages']} correction")
     if recipe.get("prehab"):
-        extras.append("prehab")
+        extras.append("prehab control (lambda 0)" if recipe["prehab"] == "control" else "prehab")
     if recipe.get("refine", {}).get("mode", "none") != "none":
         extras.append(f"refine {recipe['refine']['mode']}")
     text = f"{recipe['whitening']}/{recipe['scorer']}/{recipe['allocator']}"

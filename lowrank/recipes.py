@@ -70,6 +70,14 @@ class Rehab:
     checkpoint_every: int = 25
 
 
+def _prehab_value(name: str, value: Any) -> bool | str:
+    """``prehab``: true / false, or ``control`` (the prehab run's λ = 0 twin: the same steps on the same batches,
+    CE only, so a prehab row's gain over its control is the rank surrogate's own effect)."""
+    if value == "control" or isinstance(value, bool):
+        return value
+    raise ValueError(f"method {name!r}: prehab {value!r} must be true, false or control")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One compression recipe: the space (``whitening``), the per-component ``scorer``, the rank ``allocator``
@@ -82,13 +90,15 @@ class Recipe:
     min_rank_fraction: float = 0.0
     correction: Correction = field(default_factory=Correction)
     quantize: Quantize = field(default_factory=Quantize)
-    prehab: bool = False
+    prehab: bool | str = False  # True: the prehab model; "control": the same run with λ = 0 (plain fine-tune)
     rehab: Rehab = field(default_factory=Rehab)
     refine: RefineConfig | None = None  # None: no refine stage
 
     @property
     def source(self) -> str:
-        """The model the recipe compresses: ``prehab`` or ``pretrained``."""
+        """The model the recipe compresses: ``prehab``, its λ = 0 control ``prehab-control``, or ``pretrained``."""
+        if self.prehab == "control":
+            return "prehab-control"
         return "prehab" if self.prehab else "pretrained"
 
     @property
@@ -111,7 +121,7 @@ class Recipe:
                      min_rank_fraction=float(spec.get("min_rank_fraction", 0.0)),
                      correction=_section(Correction, "correction", name, spec.get("correction")),
                      quantize=_section(Quantize, "quantize", name, spec.get("quantize")),
-                     prehab=bool(spec.get("prehab", False)),
+                     prehab=_prehab_value(name, spec.get("prehab", False)),
                      rehab=_section(Rehab, "rehab", name, spec.get("rehab")),
                      refine=check_recipe(name, spec))
         recipe._check()
@@ -135,7 +145,7 @@ class Recipe:
             if self.correction.stages > 0:
                 raise ValueError(f"method {name!r}: quantize after correction stages is not supported; set "
                                  "correction.stages to 0 or remove quantize")
-        if self.prehab and SPACES[self.whitening].stat is None:
+        if self.prehab and SPACES[self.whitening].stat is None:  # the control too: same source, λ = 0
             raise ValueError(f"method {name!r} has prehab: true but whitening {self.whitening!r}, which reads no "
                              "calibration statistics: prehab shapes the spectrum of W S in the input_gram space, "
                              "so compress it there. Set whitening: input_gram (or drop prehab from the recipe)")

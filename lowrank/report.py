@@ -272,27 +272,48 @@ __all__ += ["prehab_rows", "plot_prehab_spectra"]
 
 def prehab_rows(dense_before: dict[str, dict[str, Any]], dense_after: dict[str, dict[str, Any]],
                 prehab: dict[str, dict[str, Any]], evals: dict[tuple[str, str, str], dict[str, Any]],
-                pairs: dict[str, str | None], ratios: list[str]) -> list[dict[str, Any]]:
+                pairs: dict[str, dict[str, str | None]], ratios: list[str],
+                dense_control: dict[str, dict[str, Any]] | None = None,
+                control: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per (model, prehab recipe, ratio): dense PPL before/after prehab, mean whitened stable and
-    effective rank of the targets before/after, compressed PPL without (the partner recipe) and with prehab.
+    effective rank of the targets before/after, compressed PPL without prehab (``pairs[m]["without"]``), with its
+    λ = 0 control (``pairs[m]["control"]``: the same fine-tune without the surrogate) and with prehab, and the
+    gain over the control ``1 − ppl_with / ppl_control``: the surrogate's own effect, the fine-tune's removed.
+    With a plan (``prehab.plan``), the planned truncation loss (mean relative whitened tail energy at the planned
+    ranks) at the first and last step, of prehab and of its control.
 
-    ``evals[(model, method, ratio)]`` are evaluation records; ``prehab[model]`` the prehab manifest (``ranks``).
+    ``evals[(model, method, ratio)]`` are evaluation records; ``prehab[model]`` / ``control[model]`` the prehab /
+    control manifests (``ranks``, ``history``).
     """
+    dense_control, control = dense_control or {}, control or {}
+
+    def tail(man: dict[str, Any] | None, i: int) -> float | None:
+        hist = (man or {}).get("history") or []
+        return hist[i].get("tail") if hist else None
+
     rows = []
     for model, man in prehab.items():
         ranks = man["ranks"]
-        for method, partner in pairs.items():
+        ctl = control.get(model)
+        for method, partners in pairs.items():
             for r in ratios:
                 w = evals.get((model, method, r))
-                wo = evals.get((model, partner, r)) if partner else None
+                wo = evals.get((model, partners["without"], r)) if partners.get("without") else None
+                c = evals.get((model, partners["control"], r)) if partners.get("control") else None
                 rows.append({
-                    "model": model, "method": method, "without": partner, "ratio": float(r),
+                    "model": model, "method": method, "without": partners.get("without"),
+                    "control": partners.get("control"), "ratio": float(r),
                     "dense_ppl_before": dense_before[model]["ppl"], "dense_ppl_after": dense_after[model]["ppl"],
+                    "dense_ppl_control": dense_control[model]["ppl"] if model in dense_control else None,
                     "stable_rank_before": ranks["before"]["mean_stable_rank"],
                     "stable_rank_after": ranks["after"]["mean_stable_rank"],
                     "effective_rank_before": ranks["before"]["mean_effective_rank"],
                     "effective_rank_after": ranks["after"]["mean_effective_rank"],
-                    "ppl_without_prehab": wo["ppl"] if wo else None, "ppl_with_prehab": w["ppl"] if w else None,
+                    "ppl_without_prehab": wo["ppl"] if wo else None, "ppl_control": c["ppl"] if c else None,
+                    "ppl_with_prehab": w["ppl"] if w else None,
+                    "gain_over_control": (1 - w["ppl"] / c["ppl"]) if (w and c) else None,
+                    "planned_tail_start": tail(man, 0), "planned_tail_end": tail(man, -1),
+                    "planned_tail_end_control": tail(ctl, -1),
                     "surrogate": man["prehab"]["surrogate"], "lambda_max": man["prehab"]["lambda_max"],
                     "steps": man["prehab"]["steps"], "lr": man["prehab"]["lr"]})
     return rows

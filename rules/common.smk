@@ -17,7 +17,7 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     method="|".join(map(re.escape, METHODS)),
     ratio=r"[01]\.\d\d",
-    source="pretrained|prehab",
+    source="pretrained|prehab|prehab-control",
     split="calibration|evaluation",
     stage=r"\d+",
 

@@ -35,7 +35,7 @@ from lowrank.zeroshot import NEXT_LINE_TASK
 config: dict[str, Any] = {}  # the workflow's config (setup)
 workflow: Any = None  # the Snakemake workflow object (setup)
 REPO = Path(__file__).resolve().parents[1]  # the workflow's folder (setup: workflow.basedir)
-RESERVED = {"pretrained", "prehab", "data", "summary", "dense"}  # method names that are results folders
+RESERVED = {"pretrained", "prehab", "prehab-control", "data", "summary", "dense"}  # method names that are results folders
 RESERVED_TOP = {"summary", "tasks"}  # model names that are results folders
 _FINGERPRINTS: dict[str, str] = {}  # models.<key> -> content fingerprint of its local files, computed once
 MODELS: list[str] = []
@@ -402,7 +402,7 @@ def source_of(method):
 
 def stats_source(source):
     """Whose calibration statistics whiten a source: its own, except prehab with reuse_prehab_whitening."""
-    if source == "prehab" and config["prehab"]["reuse_prehab_whitening"]:
+    if source in PREHAB_SOURCES and config["prehab"]["reuse_prehab_whitening"]:
         return "pretrained"
     return source
 
@@ -444,10 +444,22 @@ def prehab_targets():
     return ["results/summary/prehab.md", "results/summary/prehab.json", "results/summary/plots/prehab_spectra.png"]
 
 
+PREHAB_SOURCES = ("prehab", "prehab-control")  # the prehab model and its lambda = 0 control
+
+
 def _check_prehab_config():
     """Bad prehab settings, named with their fix."""
     settings = {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
     PrehabConfig.from_dict(settings)  # raises ValueError naming the bad value (a recipe's own rules: Recipe)
+    plan = settings.get("plan")
+    if plan:
+        method = plan["method"]
+        if method not in config["methods"]:
+            raise ValueError(f"prehab.plan.method {method!r} is not a recipe of `methods`; name the recipe whose "
+                             f"allocation prehab should aim at, one of {sorted(config['methods'])}")
+        if source_of(method) != "pretrained":
+            raise ValueError(f"prehab.plan.method {method!r} compresses the {source_of(method)} model, which "
+                             "prehab itself makes; plan with a recipe that compresses the pretrained model")
 
 
 # ---- calibration statistics ----------------------------------------------------------------------------------------
@@ -532,8 +544,20 @@ def speed_spec(wc=None):
 
 
 def prehab_settings(wc=None):
-    """The prehab run's config slice (reuse_prehab_whitening only changes which statistics later stages read)."""
-    return {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+    """The prehab run's config slice (reuse_prehab_whitening only changes which statistics later stages read);
+    the control run (source prehab-control) is the same with lambda0 = lambda_max = 0: CE only."""
+    settings = {k: v for k, v in config["prehab"].items() if k != "reuse_prehab_whitening"}
+    if wc is not None and getattr(wc, "source", "prehab") == "prehab-control":
+        settings.update(lambda0=0.0, lambda_max=0.0)
+    return settings
+
+
+def prehab_plan_input(wc):
+    """The planned allocation (prehab.plan) on the pretrained model, when there is a plan."""
+    plan = config["prehab"].get("plan")
+    if not plan:
+        return {}
+    return {"plan": f"results/{wc.model}/{plan['method']}/{ratio_label(plan['ratio'])}/allocation.json"}
 
 
 def rehab_spec(wc):
@@ -544,24 +568,35 @@ def last_stage(wc):
     return f"results/{wc.model}/{wc.method}/{wc.ratio}/stage{stages_of(wc.method)}/manifest.json"
 
 
-def prehab_partner(method):
-    """The same recipe without prehab / rehab, when the config has one (the 'without prehab' column)."""
+def prehab_partner(method, source="pretrained"):
+    """The same recipe without prehab / rehab (``source`` pretrained: the 'without prehab' column) or with
+    ``prehab: control`` (``source`` prehab-control: the 'control' column), when the config has one."""
     spec = {k: v for k, v in config["methods"][method].items() if k not in ("prehab", "rehab")}
     for other in METHODS:
         o = config["methods"][other]
-        if source_of(other) == "pretrained" and {k: v for k, v in o.items() if k not in ("prehab", "rehab")} == spec:
+        if source_of(other) == source and {k: v for k, v in o.items() if k not in ("prehab", "rehab")} == spec:
             return other
     return None
 
 
+def prehab_pairs(wc=None):
+    """Per prehab recipe: its recipe without prehab and its control recipe (None where the config has none)."""
+    return {m: {"without": prehab_partner(m), "control": prehab_partner(m, "prehab-control")}
+            for m in PREHAB_METHODS}
+
+
 def prehab_report_inputs(wc=None):
-    pairs = [(m, prehab_partner(m)) for m in PREHAB_METHODS]
-    with_ = [f"results/{mo}/{m}/{r}/eval/ppl.json" for mo in MODELS for m, _ in pairs for r in RATIOS]
-    without = [f"results/{mo}/{p}/{r}/eval/ppl.json" for mo in MODELS for _, p in pairs if p for r in RATIOS]
+    pairs = prehab_pairs()
+    with_ = [f"results/{mo}/{m}/{r}/eval/ppl.json" for mo in MODELS for m in pairs for r in RATIOS]
+    without = [f"results/{mo}/{p[k]}/{r}/eval/ppl.json" for mo in MODELS for p in pairs.values()
+               for k in ("without", "control") if p[k] for r in RATIOS]
+    controlled = any(p["control"] for p in pairs.values())
     return {
         "dense_before": expand("results/{model}/pretrained/eval/ppl.json", model=MODELS),
         "dense_after": expand("results/{model}/prehab/eval/ppl.json", model=MODELS),
+        "dense_control": expand("results/{model}/prehab-control/eval/ppl.json", model=MODELS) if controlled else [],
         "prehab": expand("results/{model}/prehab/manifest.json", model=MODELS),
+        "control": expand("results/{model}/prehab-control/manifest.json", model=MODELS) if controlled else [],
         "spectra": expand("results/{model}/prehab/spectra.safetensors", model=MODELS),
         "with_prehab": with_,
         "without_prehab": without,

@@ -1,30 +1,35 @@
-# Low-Rank Prehab (a source model, results/{model}/prehab) and rehab (a fine-tune of compressed factors).
+# Low-Rank Prehab (a source model, results/{model}/prehab, and its lambda = 0 control, results/{model}/prehab-control)
+# and rehab (a fine-tune of compressed factors).
 
 from dag import (
-    PREHAB_METHODS, code_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_partner, prehab_report_inputs,
+    code_fingerprint, gpus_for, last_stage, mem_mb_for, prehab_pairs, prehab_plan_input, prehab_report_inputs,
     prehab_settings, rehab_spec, runtime_min_for, runtime_spec, source_manifest,
 )
 
 
 rule prehab:
-    """Fine-tune the pretrained target weights with CE + lambda(t) x rank surrogate of W S (resumable)."""
+    """Fine-tune the pretrained target weights with CE + lambda(t) x rank surrogate of W S (resumable); source
+    prehab-control is the same run with lambda = 0 (its surrogate and planned tail are still recorded)."""
     input:
+        unpack(prehab_plan_input),
         manifest="results/{model}/pretrained/manifest.json",
         windows="results/{model}/data/calibration.safetensors",
         input_gram="results/{model}/pretrained/stats/input_gram.safetensors",
     output:
-        manifest="results/{model}/prehab/manifest.json",
-        hf=directory("results/{model}/prehab/hf"),
-        spectra="results/{model}/prehab/spectra.safetensors",
+        manifest="results/{model}/{source}/manifest.json",
+        hf=directory("results/{model}/{source}/hf"),
+        spectra="results/{model}/{source}/spectra.safetensors",
+    wildcard_constraints:
+        source="prehab|prehab-control",
     params:
         settings=prehab_settings,
         damping=config["whitening"]["damping"],
         runtime=runtime_spec,
         core=code_fingerprint("prehab"),
     log:
-        "logs/prehab/{model}.log",
+        "logs/prehab/{model}/{source}.log",
     benchmark:
-        "benchmarks/prehab/{model}.tsv"
+        "benchmarks/prehab/{model}/{source}.tsv"
     threads: 8
     resources:
         mem_mb=lambda wc, attempt, rulename: mem_mb_for(wc, attempt, rulename, factor=2),
@@ -73,7 +78,7 @@ rule prehab_report:
         json="results/summary/prehab.json",
         plot="results/summary/plots/prehab_spectra.png",
     params:
-        pairs=lambda wc: {m: prehab_partner(m) for m in PREHAB_METHODS},
+        pairs=prehab_pairs,
         core=code_fingerprint("prehab_report"),
     log:
         "logs/prehab_report.log",

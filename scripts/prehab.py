@@ -20,7 +20,11 @@ def run(smk) -> None:
         windows = load_tensors(smk.input.windows)[0]["tokens"]
         out = Path(smk.output.manifest).parent
         ckpt = out / "checkpoint.safetensors"  # not an output: survives a killed job, resumed by the next run
-        res = prehab(model, windows, load_stat(smk.input.input_gram), cfg, smk.params.damping, st.device, str(ckpt))
+        ranks = None
+        if "plan" in smk.input.keys():  # the planned allocation's rank per target (None: kept dense)
+            ranks = {n: t["rank"] for n, t in read_json(smk.input.plan)["targets"].items()}
+        res = prehab(model, windows, load_stat(smk.input.input_gram), cfg, smk.params.damping, st.device, str(ckpt),
+                     ranks=ranks)
         summary = res.summary()
         st.log.info("whitened mean stable rank %.3f -> %.3f, effective rank %.2f -> %.2f; CE %.4f -> %.4f",
                     summary["before"]["mean_stable_rank"], summary["after"]["mean_stable_rank"],
@@ -38,7 +42,8 @@ def run(smk) -> None:
                                           **{f"after.{n}": s for n, s in res.sigmas_after.items()}},
                      {"space": "input_gram of the pretrained model", "damping": smk.params.damping})
         write_json(smk.output.manifest, {
-            "model": smk.wildcards.model, "source": {"kind": "prehab", "base_manifest": "../pretrained/manifest.json"},
+            "model": smk.wildcards.model,
+            "source": {"kind": smk.wildcards.source, "base_manifest": "../pretrained/manifest.json"},
             "path": "hf", "path_relative": True, "has_tokenizer": base.get("has_tokenizer", True),
             "architecture": base["architecture"], "config": base.get("config"), "prehab": dict(smk.params.settings),
             "damping": smk.params.damping, "resumed_from_step": res.train.resumed_from, "ranks": summary,

@@ -23,9 +23,12 @@ def run(smk) -> None:
             t, _ = load_tensors(spec_path)
             spectra[man["model"]] = ({k[7:]: v for k, v in t.items() if k.startswith("before.")},
                                      {k[6:]: v for k, v in t.items() if k.startswith("after.")})
+        control = {read_json(p)["model"]: read_json(p) for p in smk.input.control}
         rows = prehab_rows(by_model(smk.input.dense_before), by_model(smk.input.dense_after), prehab, evals,
-                           dict(smk.params.pairs), ratios)
-        write_json(smk.output.json, {"rows": rows, "history": {m: p["history"] for m, p in prehab.items()}})
+                           {m: dict(p) for m, p in dict(smk.params.pairs).items()}, ratios,
+                           by_model(smk.input.dense_control), control)
+        write_json(smk.output.json, {"rows": rows, "history": {m: p["history"] for m, p in prehab.items()},
+                                     "control_history": {m: p["history"] for m, p in control.items()}})
         table = pd.DataFrame(rows)
         with atomic_path(smk.output.markdown) as tmp:
             tmp.write_text(table.astype(object).where(table.notna(), None)

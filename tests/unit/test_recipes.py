@@ -52,3 +52,13 @@ def test_a_rule_between_fields_names_the_recipe_and_the_fix(spec: dict, message:
     with pytest.raises(ValueError, match=message) as e:
         Recipe.from_dict("bad", spec)
     assert "'bad'" in str(e.value)
+
+
+def test_prehab_names_its_source_and_a_bad_value_is_named() -> None:
+    base = {"whitening": "input_gram", "scorer": "sigma", "allocator": "uniform"}
+    assert [Recipe.from_dict("p", {**base, "prehab": v}).source for v in (False, True, "control")] == [
+        "pretrained", "prehab", "prehab-control"]
+    with pytest.raises(ValueError, match="prehab 'yes' must be true, false or control"):
+        Recipe.from_dict("p", {**base, "prehab": "yes"})
+    with pytest.raises(ValueError, match="has prehab: true but whitening 'none'"):
+        Recipe.from_dict("p", {**base, "whitening": "none", "prehab": "control"})

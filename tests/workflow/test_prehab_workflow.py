@@ -95,3 +95,62 @@ def test_prehab_and_rehab_run_end_to_end(tiny_dag: Path) -> None:
     assert all(row["ppl_with_prehab"] > 0 and row["ppl_without_prehab"] > 0 for row in report)
     assert (r / "summary/plots/prehab_spectra.png").stat().st_size > 10_000
     assert planned_jobs(snakemake(wd, "-n")) == {}
+
+
+def control_config(plan: bool = True) -> dict:
+    """prehab_config plus the λ = 0 control recipe and (optionally) a plan: SVD-LLM's ranks at kept 0.5."""
+    cfg = prehab_config()
+    cfg["methods"]["prehab-control-svd-llm"] = {**cfg["methods"]["prehab-svd-llm"], "prehab": "control"}
+    if plan:
+        cfg["prehab"].update(surrogate="tail_energy", plan={"method": "svd-llm", "ratio": 0.5})
+    return cfg
+
+
+def test_the_control_source_and_the_plan_are_planned(tmp_path: Path) -> None:
+    """`prehab: control` adds the prehab-control source (its own prehab job, statistics and dense row); the plan's
+    allocation on the pretrained model is an input of both prehab jobs."""
+    wd = write_workdir(tmp_path / "run", control_config())
+    validate(control_config(), SCHEMA)
+    jobs = planned_jobs(snakemake(wd, "-n"))
+    assert jobs["prehab"] == 2 and jobs["prehab_report"] == 1
+    assert jobs["calibration_stats"] == 3 and jobs["evaluate_source"] == 3  # pretrained, prehab, control
+    for source in ("prehab", "prehab-control"):
+        only = planned_jobs(snakemake(wd, "-n", f"results/tiny-llama/{source}/manifest.json"))
+        assert only["prehab"] == 1 and only["allocate"] == 1  # svd-llm at 0.50 on the pretrained model
+        assert "truncate" not in only
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"plan": {"method": "nope", "ratio": 0.5}}, "prehab.plan.method 'nope' is not a recipe"),
+    ({"plan": {"method": "prehab-svd-llm", "ratio": 0.5}}, "compresses the prehab model"),
+    ({"plan": None}, "tail_energy needs prehab.plan"),
+])
+def test_a_bad_plan_fails_at_parse_time_with_the_fix(tmp_path: Path, edit: dict, match: str) -> None:
+    cfg = control_config()
+    cfg["prehab"].update(edit)
+    proc = snakemake(write_workdir(tmp_path / "run", cfg), "-n", check=False)
+    assert proc.returncode != 0
+    assert match in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_prehab_with_a_plan_and_its_control_end_to_end(tmp_path: Path) -> None:
+    """The tail surrogate at SVD-LLM's planned ranks and its λ = 0 control, run to the prehab report: the
+    control trains on CE only (λ 0 at every step, the same batches), the planned tail is recorded at every step
+    of both and falls further with the surrogate, and the report sets the prehab row beside its control."""
+    cfg = control_config()
+    cfg["prehab"].update(lambda0=10.0, lambda_max=10.0, warmup_steps=0)
+    wd = write_workdir(tmp_path / "run", cfg)
+    snakemake(wd, "results/summary/prehab.json")
+    r = wd / "results/tiny-llama"
+    pre, ctl = read_json(r / "prehab/manifest.json"), read_json(r / "prehab-control/manifest.json")
+    assert ctl["source"]["kind"] == "prehab-control" and pre["source"]["kind"] == "prehab"
+    assert [h["lambda"] for h in ctl["history"]] == [0.0] * 3 and ctl["prehab"]["lambda_max"] == 0.0
+    assert all(h["tail"] is not None for h in pre["history"] + ctl["history"])
+    assert pre["history"][0]["tail"] == pytest.approx(ctl["history"][0]["tail"], rel=1e-6)  # same start
+    assert pre["history"][-1]["tail"] < ctl["history"][-1]["tail"]
+    row = read_json(wd / "results/summary/prehab.json")["rows"][0]
+    assert row["control"] == "prehab-control-svd-llm" and row["without"] == "svd-llm"
+    assert row["ppl_control"] > 0 and row["gain_over_control"] == pytest.approx(
+        1 - row["ppl_with_prehab"] / row["ppl_control"])
+    assert row["planned_tail_end"] < row["planned_tail_end_control"]

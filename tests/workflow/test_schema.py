@@ -180,4 +180,5 @@ def test_default_and_full_commands_plan_the_short_and_the_full_table(tmp_path) -
     n = len(full["methods"]) * len(full["ratios"])
     assert jobs["allocate"] == jobs["evaluate_compressed"] == jobs["evaluate_zeroshot"] == jobs["measure_speed"] == n
     assert jobs["export_hf_folder"] == n and jobs["refine"] == 3 * len(full["ratios"])
-    assert jobs["prehab"] == 1 and jobs["evaluate_zeroshot_source"] == jobs["measure_speed_source"] == 1
+    assert jobs["prehab"] == 2  # the prehab model and its lambda = 0 control
+    assert jobs["evaluate_zeroshot_source"] == jobs["measure_speed_source"] == 1
