@@ -26,7 +26,19 @@ from .model import Target, replace_module
 from .runtime import progress
 from .truncation import truncate
 
-__all__ = ["projected_step", "correct_model", "CorrectionResult"]
+__all__ = ["CorrectionConfig", "projected_step", "correct_model", "CorrectionResult"]
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """A recipe's ``correction`` section: ``stages`` projected corrections after the truncation (0 = one-shot),
+    each from the gradient of ``windows`` calibration windows in batches of ``batch_size``, its step halved up to
+    ``backtrack`` times while it raises the calibration loss of the windows that judge it."""
+
+    stages: int = 0
+    windows: int = 4
+    batch_size: int = 2
+    backtrack: int = 3
 
 
 def projected_step(W_k: torch.Tensor, W_T: torch.Tensor, g: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:

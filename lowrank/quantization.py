@@ -46,7 +46,7 @@ from .truncation import truncate
 
 __all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
            "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
-           "greedy_byte_ranks", "row_scores", "select_rows_loss_aware"]
+           "greedy_byte_ranks", "row_scores", "select_rows_loss_aware", "QuantizeConfig"]
 
 FLOAT_BYTES = 2
 SCALE_BYTES = 4  # one float32 scale per int8 row
@@ -246,6 +246,20 @@ def check_mode(mode: Any) -> str:
     if mode not in QUANTIZERS:
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {list(QUANTIZERS)}")
     return mode
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """A recipe's ``quantize`` section: ``mode`` (``none`` or one of :data:`QUANTIZERS`); ``loss_aware`` takes its
+    calibration gradient from the first ``gradient_windows`` windows in batches of ``gradient_batch_size``."""
+
+    mode: str = "none"
+    gradient_windows: int = 8
+    gradient_batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode != "none":
+            check_mode(self.mode)
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------

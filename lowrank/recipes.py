@@ -20,11 +20,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .allocation import ALLOCATORS, GREEDY_ALLOCATORS
+from .correction import CorrectionConfig
+from .quantization import QuantizeConfig
 from .refine import RefineConfig, check_recipe
+from .rehab import RehabConfig
 from .scoring import SCORERS
 from .spaces import SPACES
 
-__all__ = ["Correction", "Quantize", "Rehab", "Recipe"]
+__all__ = ["Recipe"]
 
 
 def _section(cls: type, name: str, recipe: str, values: dict[str, Any] | None) -> Any:
@@ -35,39 +38,6 @@ def _section(cls: type, name: str, recipe: str, values: dict[str, Any] | None) -
     if unknown:
         raise ValueError(f"method {recipe!r}: unknown {name} keys {unknown}; known: {sorted(known)}")
     return cls(**values)
-
-
-@dataclass(frozen=True)
-class Correction:
-    """ZS-SVD's projected corrections after the truncation: ``stages`` (0 = one-shot), calibration ``windows``
-    per stage, ``batch_size``, and up to ``backtrack`` halvings of a step that raises the calibration loss."""
-
-    stages: int = 0
-    windows: int = 4
-    batch_size: int = 2
-    backtrack: int = 3
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """Hybrid low-rank + int8 storage (``mode``: ``none``, ``remap``, ``hq``, ``loss_aware``); the loss-aware
-    mode's gradient comes from ``gradient_windows`` calibration windows in batches of ``gradient_batch_size``."""
-
-    mode: str = "none"
-    gradient_windows: int = 8
-    gradient_batch_size: int = 2
-
-
-@dataclass(frozen=True)
-class Rehab:
-    """A short fine-tune of the low-rank factors after the last stage (``steps = 0``: none)."""
-
-    steps: int = 0
-    lr: float = 1e-4
-    batch_size: int = 4
-    optimizer: str = "adam"
-    seed: int = 0
-    checkpoint_every: int = 25
 
 
 def _prehab_value(name: str, value: Any) -> bool | str:
@@ -81,17 +51,20 @@ def _prehab_value(name: str, value: Any) -> bool | str:
 @dataclass(frozen=True)
 class Recipe:
     """One compression recipe: the space (``whitening``), the per-component ``scorer``, the rank ``allocator``
-    (with its ``min_rank_fraction`` floor), and the optional stages around the truncation."""
+    (with its ``min_rank_fraction`` floor), and the optional stages around the truncation, each a frozen config of
+    the module that runs it (:class:`lowrank.correction.CorrectionConfig`, :class:`lowrank.quantization.
+    QuantizeConfig`, :class:`lowrank.rehab.RehabConfig`, :class:`lowrank.refine.RefineConfig`), which the stage's
+    script builds from its own config slice."""
 
     name: str
     scorer: str
     allocator: str
     whitening: str = "none"
     min_rank_fraction: float = 0.0
-    correction: Correction = field(default_factory=Correction)
-    quantize: Quantize = field(default_factory=Quantize)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prehab: bool | str = False  # True: the prehab model; "control": the same run with λ = 0 (plain fine-tune)
-    rehab: Rehab = field(default_factory=Rehab)
+    rehab: RehabConfig = field(default_factory=RehabConfig)
     refine: RefineConfig | None = None  # None: no refine stage
 
     @property
@@ -119,10 +92,10 @@ class Recipe:
         recipe = cls(name=name, scorer=spec["scorer"], allocator=spec["allocator"],
                      whitening=spec.get("whitening", "none"),
                      min_rank_fraction=float(spec.get("min_rank_fraction", 0.0)),
-                     correction=_section(Correction, "correction", name, spec.get("correction")),
-                     quantize=_section(Quantize, "quantize", name, spec.get("quantize")),
+                     correction=_section(CorrectionConfig, "correction", name, spec.get("correction")),
+                     quantize=_section(QuantizeConfig, "quantize", name, spec.get("quantize")),
                      prehab=_prehab_value(name, spec.get("prehab", False)),
-                     rehab=_section(Rehab, "rehab", name, spec.get("rehab")),
+                     rehab=_section(RehabConfig, "rehab", name, spec.get("rehab")),
                      refine=check_recipe(name, spec))
         recipe._check()
         return recipe

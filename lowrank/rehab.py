@@ -10,6 +10,7 @@ directly reaches the same family of models without adapter bookkeeping (method n
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,7 +18,21 @@ from torch import nn
 from .factorized import LowRankLinear
 from .finetune import TrainResult, train
 
-__all__ = ["factor_parameters", "rehab"]
+__all__ = ["RehabConfig", "factor_parameters", "rehab"]
+
+
+@dataclass(frozen=True)
+class RehabConfig:
+    """A recipe's ``rehab`` section: ``steps`` (0 = no rehab) of ``optimizer`` at learning rate ``lr`` on
+    ``batch_size`` calibration windows per step (order seeded by ``seed``), a checkpoint every
+    ``checkpoint_every`` steps."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    optimizer: str = "adam"
+    seed: int = 0
+    checkpoint_every: int = 25
 
 
 def factor_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

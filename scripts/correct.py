@@ -5,7 +5,7 @@ from pathlib import Path
 from _adapter import load_stats, stage
 
 from lowrank.checkpoint import load_compressed, save_compressed
-from lowrank.correction import correct_model
+from lowrank.correction import CorrectionConfig, correct_model
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, linear_weight, load_model
 from lowrank.spaces import input_factor, output_factor
@@ -14,7 +14,7 @@ from lowrank.spaces import input_factor, output_factor
 def run(smk) -> None:
     with stage(smk) as st:
         method, s = dict(smk.params.method), int(smk.wildcards.stage)
-        corr = dict(method["correction"])
+        corr = CorrectionConfig(**method["correction"])
         teacher_model = load_model(smk.input.manifest, dtype=st.dtype)
         targets = find_targets(teacher_model)
         teacher = {t.name: linear_weight(teacher_model.get_submodule(t.name)).detach() for t in targets}
@@ -22,16 +22,16 @@ def run(smk) -> None:
         model = load_compressed(Path(smk.input.previous).parent, dtype=st.dtype, device=st.device)
         # each stage draws the next slice of the calibration windows (cycling), as the reference draws afresh
         all_windows = load_tensors(smk.input.windows)[0]["tokens"]
-        w = min(corr["windows"], len(all_windows))
+        w = min(corr.windows, len(all_windows))
         start = ((s - 1) * w) % len(all_windows)
         windows = all_windows.roll(-start, dims=0)[:w]
         # the step is judged on the next w windows, never on its own gradient windows (when the file has them)
         judge = all_windows.roll(-start - w, dims=0)[:w] if len(all_windows) >= 2 * w else None
         stats = load_stats(smk)
         res = correct_model(
-            model, teacher, targets, windows, corr["batch_size"],
+            model, teacher, targets, windows, corr.batch_size,
             lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device,
-            backtrack=corr["backtrack"],
+            backtrack=corr.backtrack,
             output_factor=lambda name: output_factor(method["whitening"], name, stats, st.device), judge=judge)
         st.log.info("stage %d: calibration loss on %d %s windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
                     "other" if judge is not None else "its own gradient", res.loss_before, res.loss_after,

@@ -9,34 +9,34 @@ from lowrank.decompose import StoredDecompositions
 from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors
 from lowrank.model import find_targets, load_model
-from lowrank.quantization import FLOAT_STORAGE, quantize_model
+from lowrank.quantization import FLOAT_STORAGE, QuantizeConfig, quantize_model
 from lowrank.spaces import input_factor, output_factor
 
 
 def run(smk) -> None:
     with stage(smk) as st:
         method, ratio, damping = dict(smk.params.method), float(smk.params.ratio), smk.params.damping
-        q, space = dict(method["quantize"]), method["whitening"]
+        q, space = QuantizeConfig(**method["quantize"]), method["whitening"]
         model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
         targets = find_targets(model)
         tensors, _ = load_tensors(smk.input.scores)
         scores = {k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")}
         stats = load_stats(smk)
-        windows = load_tensors(smk.input.windows)[0]["tokens"][: q["gradient_windows"]]
+        windows = load_tensors(smk.input.windows)[0]["tokens"][: q.gradient_windows]
         res = quantize_model(
-            model, targets, q["mode"], ratio, scores,
+            model, targets, q.mode, ratio, scores,
             lambda n: (input_factor(space, n, stats, damping, st.device), output_factor(space, n, stats, st.device)),
             method["allocator"], method["min_rank_fraction"],
-            lambda m: calibration_gradients(m, windows, q["gradient_batch_size"], st.device, targets), st.device,
+            lambda m: calibration_gradients(m, windows, q.gradient_batch_size, st.device, targets), st.device,
             StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None, smk.params.decomposition)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
-                    q["mode"], res.accounted_bytes, res.budget_bytes, frac,
+                    q.mode, res.accounted_bytes, res.budget_bytes, frac,
                     sum(v.rank is not None for v in res.layouts.values()),
                     sum(v.rank is None for v in res.layouts.values()))
         save_quantized(Path(smk.output.manifest).parent, model, smk.input.manifest, res.accounted_bytes, {
             "method": smk.wildcards.method, "ratio": ratio, "recipe": method, "damping": damping,
-            "mode": q["mode"], "float_storage": str(FLOAT_STORAGE).replace("torch.", ""), "scale_dtype": "float32",
+            "mode": q.mode, "float_storage": str(FLOAT_STORAGE).replace("torch.", ""), "scale_dtype": "float32",
             "accounted_bytes": res.accounted_bytes, "budget_bytes": res.budget_bytes,
             "dense_fp16_bytes": res.dense_bytes, "kept_bytes_fraction": frac, "diagnostics": res.diagnostics})
 

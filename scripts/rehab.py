@@ -6,18 +6,19 @@ from _adapter import stage
 
 from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.io import load_tensors, read_json
-from lowrank.rehab import rehab
+from lowrank.rehab import RehabConfig, rehab
 
 
 def run(smk) -> None:
     with stage(smk) as st:
-        spec = dict(smk.params.rehab)
+        spec = dict(smk.params.rehab)  # recorded in the manifest as configured
+        cfg = RehabConfig(**spec)
         model = load_compressed(Path(smk.input.previous).parent, dtype=st.dtype, device=st.device)
         windows = load_tensors(smk.input.windows)[0]["tokens"]
         out = Path(smk.output.manifest).parent
         ckpt = out / "checkpoint.safetensors"
-        res = rehab(model, windows, spec["steps"], spec["lr"], spec["batch_size"], spec["optimizer"], spec["seed"],
-                    st.device, ckpt, spec["checkpoint_every"])
+        res = rehab(model, windows, cfg.steps, cfg.lr, cfg.batch_size, cfg.optimizer, cfg.seed, st.device, ckpt,
+                    cfg.checkpoint_every)
         st.log.info("rehab: calibration CE %.4f -> %.4f over %d steps", res.history[0]["ce"], res.history[-1]["ce"],
                     res.steps)
         previous = read_json(smk.input.previous)

@@ -28,7 +28,7 @@ def test_every_recipe_of_the_full_config_builds() -> None:
     methods = yaml.safe_load(FULL.read_text())["methods"]
     recipes = {name: Recipe.from_dict(name, m) for name, m in methods.items()}
     assert len(recipes) == len(methods) >= 10
-    assert {r.source for r in recipes.values()} == {"pretrained", "prehab"}
+    assert {r.source for r in recipes.values()} == {"pretrained", "prehab", "prehab-control"}
     assert any(r.refine is not None and r.refine.mode == "closed_form" for r in recipes.values())
     assert any(r.quantize.mode == "loss_aware" for r in recipes.values())
 
