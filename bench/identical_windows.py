@@ -15,6 +15,9 @@ non-overlapping. Written to ``--out``:
 * ``evaluation.safetensors``: the held-out windows.
 
     python bench/identical_windows.py --tokenizer results/smollm2-135m/pretrained/hf --out results/identical
+
+``--text pydoc`` builds the same files from a second text (:func:`pydoc_streams`), e.g. ``--out results/pydoc
+--pool 64 --val 8 --eval-windows 32``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ def streams(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
+def pydoc_streams(tokenizer, heldout_fraction: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second text, not the issue's: Python's documentation prose (``pydoc_data.topics.topics``, stdlib,
+    offline), the topics joined in key order with ``"\\n\\n"``, tokenised once; the last ``heldout_fraction``
+    of the tokens (contiguous) is held out for evaluation, calibration and validation windows come from the rest."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    cut = int(round(ids.numel() * (1 - heldout_fraction)))
+    return ids[:cut], ids[cut:]
+
+
 def draws(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     rng = random.Random(seed)
     starts = [rng.randint(0, stream.numel() - seq_len) for _ in range(n)]
@@ -79,20 +94,23 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--val-seed", type=int, default=11)
+    ap.add_argument("--text", choices=["shakespeare", "pydoc"], default="shakespeare",
+                    help="shakespeare: the issue's plays; pydoc: Python's documentation topics (a second text)")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    train, held = streams(tok)
+    train, held = streams(tok) if a.text == "shakespeare" else pydoc_streams(tok)
     pool, starts = draws(train, max(a.pool, a.calib), a.seq_len, a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"seq_len": a.seq_len, "seed": a.seed, "train_tokens": train.numel(), "heldout_tokens": held.numel()}
+    meta = {"text": a.text, "seq_len": a.seq_len, "seed": a.seed, "train_tokens": train.numel(),
+            "heldout_tokens": held.numel()}
     save_tensors(out / "calibration.safetensors", {"tokens": pool[: a.calib]}, meta)
     save_tensors(out / "pool.safetensors", {"tokens": pool}, {**meta, "starts": starts})
     save_tensors(out / "validation.safetensors", {"tokens": validation(train, starts, a.val, a.seq_len, a.val_seed)},
                  {**meta, "val_seed": a.val_seed})
-    n_eval = held.numel() // a.seq_len if a.eval_windows is None else a.eval_windows
+    n_eval = min(held.numel() // a.seq_len, a.eval_windows)
     save_tensors(out / "evaluation.safetensors", {"tokens": held[: n_eval * a.seq_len].view(n_eval, a.seq_len)}, meta)
     print(f"train stream {train.numel()} tokens, held-out {held.numel()}; wrote {out}")
 

@@ -77,20 +77,62 @@ def window_stats(model, targets, stats, pool: torch.Tensor, path: Path, chunk: i
             for n, v in out.items()}
 
 
+def window_weights(rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], idx: list[int],
+                   window_tokens: int) -> torch.Tensor:
+    """Per-window normalisation weights ``c_w = median_v C_v / C_w`` of the subset ``idx``, with ``C_w = Σ_targets
+    Σ_i ½ σ_i² T ḡ_{w,i}²`` window ``w``'s summed window curvature: every window then carries the same total, so a
+    few windows with a large gradient (pool windows 4 and 50: ~5x the median) do not decide the ranks alone."""
+    C = sum(window_curvature_delta(sigma, g[idx].square(), window_tokens).sum(1) for sigma, g, _ in rows.values())
+    return C.median() / C
+
+
+def window_mean(x: torch.Tensor, robust: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over windows (dim 0) of non-negative per-window rows ``x`` [K, r], or a robust version of it:
+    ``median``, ``geo`` (geometric mean), ``l1`` (``(mean_w √x_w)²``), ``trimP`` (mean without each column's top
+    ``P`` % of windows), ``norm`` (each window's row times ``weights``, :func:`window_weights`)."""
+    if robust == "":
+        return x.mean(0)
+    if robust == "median":
+        return x.median(0).values
+    if robust == "geo":
+        return x.clamp_min(1e-300).log().mean(0).exp()
+    if robust == "l1":
+        return x.sqrt().mean(0).square()
+    if robust.startswith("trim"):
+        keep = x.shape[0] - int(round(x.shape[0] * float(robust[4:]) / 100))
+        return x.sort(0).values[:keep].mean(0)
+    if robust == "norm":
+        return (x * weights[:, None]).mean(0)
+    raise ValueError(f"unknown window mean {robust!r}")
+
+
 def bench_scores(scorer: str, sigma: torch.Tensor, g_rows: torch.Tensor, F_rows: torch.Tensor, cost: int,
-                 window_tokens: int) -> torch.Tensor:
+                 window_tokens: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of one target from the per-window rows ``ḡ_w``, ``F_w`` ([K, r]) of a window subset.
     ``first_order`` and ``second_order`` are the pipeline's scorers (from the means ``ḡ``, ``F``); bench-only
     variants: ``curvature`` (``½ σ² F`` alone), ``window_curvature`` (``½ σ² T mean_w ḡ_w²``: the curvature
     from the empirical Fisher of WINDOW-mean gradients, ``T`` predictions per window), ``second_order_window``
     (``−σ ḡ`` plus that), ``second_order@c`` (the curvature term times ``c``), and a ``/param`` suffix divides
-    by the matrix's parameters per component ``m + n`` (greedy by predicted loss per parameter saved)."""
+    by the matrix's parameters per component ``m + n`` (greedy by predicted loss per parameter saved).
+    Robust window means (``window_curvature~X``, ``tail_curvature~X``, :func:`window_mean`): ``median``, ``geo``,
+    ``l1``, ``trimP``, ``norm``; ``tail_curvature``: the window Fisher of removing the whole tail ``i ≥ k`` at
+    once, ``½ T mean_w (Σ_{i≥k} σ_i ḡ_{w,i})²`` (keeping the cross terms between the components of one matrix),
+    as the marginal of component ``k`` (the tail from ``k`` minus the tail from ``k + 1``). The library's
+    ``tail_curvature`` scorer (:func:`lowrank.scoring.tail_curvature_delta`) is ``tail_curvature~trim10`` here."""
     name, per_param = (scorer[: -len("/param")], True) if scorer.endswith("/param") else (scorer, False)
+    name, _, robust = name.partition("~")
     name, _, c = name.partition("@")
     g, F = g_rows.mean(0), F_rows.mean(0)
     if name in ("window_curvature", "second_order_window"):
-        curv = window_curvature_delta(sigma, g_rows.square().mean(0), window_tokens) * float(c or 1)
+        curv = window_curvature_delta(sigma, window_mean(g_rows.square(), robust, weights), window_tokens)
+        curv = curv * float(c or 1)
         out = curv if name == "window_curvature" else -sigma * g + curv
+    elif name == "tail_curvature":
+        tail = (sigma * g_rows).flip(1).cumsum(1).flip(1)  # [K, r]: Σ_{i≥k} σ_i ḡ_{w,i}
+        total = 0.5 * window_tokens * window_mean(tail.square(), robust, weights)  # ΔL of removing k..r-1
+        out = total - torch.cat([total[1:], total.new_zeros(1)])
+    elif robust:
+        raise ValueError(f"no window means for {name!r}")
     elif name == "first_order":
         out = -sigma * g
     elif name == "second_order":
@@ -100,6 +142,50 @@ def bench_scores(scorer: str, sigma: torch.Tensor, g_rows: torch.Tensor, F_rows:
     else:
         raise ValueError(f"unknown scorer {scorer!r}")
     return out / cost if per_param else out
+
+
+def subset_scores(scorer: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], idx: list[int],
+                  shapes: dict, window_tokens: int) -> dict[str, torch.Tensor]:
+    """:func:`bench_scores` of every target for the pool windows ``idx``."""
+    weights = window_weights(rows, idx, window_tokens) if scorer.endswith("~norm") else None
+    return {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, window_tokens, weights)
+            for n, (sigma, g, F) in rows.items()}
+
+
+def pick(choice: str, K: int, pool: int) -> list[int]:
+    """The pool windows of a subset: the first ``K`` (``first``) or ``K`` drawn by ``random.Random(seed)``."""
+    return list(range(K)) if choice == "first" else sorted(random.Random(int(choice[4:])).sample(range(pool), K))
+
+
+def rank_profile(specs: list[str], rows, shapes: dict, pool: int, window_tokens: int) -> str:
+    """Markdown: kept fraction of the parameters per projection kind and per third of the layers, for each
+    allocation ``scorer:K:choice:kept:floor``, and how many matrices sit below 30 % of their break-even rank."""
+    from lowrank.accounting import breakeven_rank, dense_params, stored_params
+
+    cols: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        scorer, K, choice, ratio, floor = spec.split(":")
+        scores = subset_scores(scorer, rows, pick(choice, int(K), pool), shapes, window_tokens)
+        ranks = allocate("zero_sum", shapes, float(ratio), scores, float(floor)).ranks
+        n_layers = 1 + max(int(n.split(".")[2]) for n in ranks)
+        groups: dict[str, list[int]] = {}
+        for n, k in ranks.items():
+            kind, layer = n.split(".")[-1], int(n.split(".")[2])
+            third = f"layers, third {layer * 3 // n_layers + 1}"
+            for g in (kind, third):
+                kept, dense = groups.setdefault(g, [0, 0])
+                groups[g] = [kept + stored_params(shapes[n], k), dense + dense_params(shapes[n])]
+        col = {g: kept / dense for g, (kept, dense) in groups.items()}
+        col["matrices < 0.3 r*"] = sum(k is not None and k < 0.3 * breakeven_rank(shapes[n])
+                                       for n, k in ranks.items())
+        col["dense matrices"] = sum(k is None for k in ranks.values())
+        cols[spec] = col
+    names = list(next(iter(cols.values())))
+    out = ["| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for g in names:
+        out.append(f"| {g} | " + " | ".join(f"{c[g]:.3f}" if isinstance(c[g], float) else f"{c[g]}"
+                                            for c in cols.values()) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -112,11 +198,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first", action="store_true", help="also the first-K rows (the pipeline's choice)")
     ap.add_argument("--ratios", default="0.6,0.4")
-    ap.add_argument("--scorers", default="first_order,second_order")
+    ap.add_argument("--scorers", default="first_order,second_order",
+                    help="scorers of bench_scores; uniform = SVD-LLM's allocation (same fraction per matrix, by σ)")
     ap.add_argument("--floors", default="0", help="min_rank_fraction values")
     ap.add_argument("--settings", default=None,
                     help="kept:floor pairs instead of every ratio x floor, e.g. 0.8:0,0.6:0,0.4:0,0.4:0.3")
     ap.add_argument("--val", type=int, default=8, help="validation windows used")
+    ap.add_argument("--val-from", type=int, default=0,
+                    help="the first validation window used (cached as val@N: windows of equal length, so runs on "
+                         "disjoint windows combine into one perplexity, the geometric mean weighted by windows)")
     ap.add_argument("--heldout", action="store_true", help="also evaluate on the held-out windows")
     ap.add_argument("--heldout-ks", default=None, help="only these K on the held-out windows (default: all)")
     ap.add_argument("--heldout-windows", type=int, default=None, help="the first this-many held-out windows")
@@ -127,6 +217,10 @@ def main() -> None:
                          "on the first --correct-windows calibration windows, step judged on the next as many, as "
                          "the pipeline's correct stage 1), held-out perplexity before and after")
     ap.add_argument("--correct-windows", type=int, default=16)
+    ap.add_argument("--profile", default=None,
+                    help="scorer:K:choice:kept:floor[,...] (choice: first or seedN): print where each allocation "
+                         "keeps its parameters (kept fraction per projection kind and per third of the layers), "
+                         "then exit")
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the cached evaluations, evaluating nothing")
     a = ap.parse_args()
@@ -137,13 +231,16 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     calib = load_tensors(wdir / "calibration.safetensors")[0]["tokens"]
     pool = load_tensors(wdir / "pool.safetensors")[0]["tokens"][: a.pool]
-    val = load_tensors(wdir / "validation.safetensors")[0]["tokens"][: a.val]
+    val = load_tensors(wdir / "validation.safetensors")[0]["tokens"][a.val_from : a.val_from + a.val]
     held = load_tensors(wdir / "evaluation.safetensors")[0]["tokens"][: a.heldout_windows]
     model = load_model(a.manifest, dtype=torch.float32, device="cpu")
     targets = find_targets(model)
     shapes = {t.name: t.shape for t in targets}
     stats = {"input_gram": grams_for(model, targets, calib, cache / "input_gram.safetensors")}
     rows = window_stats(model, targets, stats, pool, cache / f"chunk{a.chunk}", a.chunk)
+    if a.profile:
+        print(rank_profile(a.profile.split(","), rows, shapes, a.pool, pool.shape[1] - 1))
+        return
     # the truncated weights of any rank k: W_k = (U Σ)[:, :k] (Vᵀ S⁻¹)[:k]
     W0, US, VS = {}, {}, {}
     for t in [] if a.table_only else targets:
@@ -179,11 +276,9 @@ def main() -> None:
     results = []
     for label in labels:  # seeds outermost: a run cut short still has every K for the first seeds
         for K in ks:
-            idx = (list(range(K)) if label == "first"
-                   else sorted(random.Random(int(label[4:])).sample(range(a.pool), K)))
+            idx = pick(label, K, a.pool)
             for scorer in a.scorers.split(","):
-                scores = {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, pool.shape[1] - 1)
-                          for n, (sigma, g, F) in rows.items()}
+                scores = None if scorer == "uniform" else subset_scores(scorer, rows, idx, shapes, pool.shape[1] - 1)
                 for ratio, floor in settings:
                     t0 = time.perf_counter()
                     rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor}
@@ -191,10 +286,12 @@ def main() -> None:
                     base = json.dumps([scorer, idx, ratio, floor])  # identical subsets are evaluated once
                     ranks = None
                     for split in want:
-                        key = f"{base} {split} {splits[split].shape[0]}x{splits[split].shape[1]}"
+                        tag = f"val@{a.val_from}" if split == "val" and a.val_from else split
+                        key = f"{base} {tag} {splits[split].shape[0]}x{splits[split].shape[1]}"
                         if key not in memo and not a.table_only:
                             if ranks is None:
-                                ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
+                                ranks = allocate("uniform" if scores is None else "zero_sum", shapes, ratio, scores,
+                                                 floor).ranks
                                 set_ranks(ranks)
                             memo[key] = perplexity(model, splits[split], 4)["ppl"]
                             with memo_path.open("a") as f:
@@ -213,8 +310,7 @@ def main() -> None:
         key = f"{json.dumps([scorer, idx, ratio, floor])} corrected{a.correct_windows} {tag}"
         if key not in memo and not a.table_only:
             t0 = time.perf_counter()
-            scores = {n: bench_scores(scorer, sigma, g[idx], F[idx], shapes[n].m + shapes[n].n, pool.shape[1] - 1)
-                      for n, (sigma, g, F) in rows.items()}
+            scores = subset_scores(scorer, rows, idx, shapes, pool.shape[1] - 1)
             ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
             set_ranks({n: None for n in ranks})  # dense teacher weights back in the Linear modules
             dense = {}

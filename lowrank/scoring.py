@@ -32,6 +32,17 @@ Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S 
   The windowed Fisher converges as windows are added (study: ``bench/results/zs_svd_gradient_windows_cpu.md``). It is
   non-negative, so the zero-sum allocator removes the smallest predicted increases first.
 
+* ``tail_curvature``: the window Fisher of removing each matrix's whole σ tail AT ONCE, robust over windows.
+  Truncation removes a tail ``i ≥ k``, not single components; for window ``w`` its first-order loss change is
+  ``e_w(k) = −Σ_{i≥k} σ_i ḡ_{w,i}``, and the window Fisher of the tail is ``C(k) = ½ T M_w[e_w(k)²]``. Unlike the
+  sum of ``window_curvature`` over the tail it keeps the cross terms ``σ_i σ_j ḡ_{w,i} ḡ_{w,j}`` between the
+  components of one matrix (on SmolLM2 they largely cancel in the value projections, which window_curvature then
+  keeps nearly whole). Component ``k``'s score is its marginal ``C(k) − C(k + 1)`` (``C(r) = 0``), so a tail's
+  scores add up to ``C``. ``M_w`` is a trimmed mean over windows (each ``k``'s largest ``TAIL_TRIM`` = 10 % of the
+  windows dropped): a few windows with ~5x the median gradient otherwise decide the ranks alone. Needs each
+  window's ``ḡ_w`` (:class:`ComponentProbe` with ``per_window``, which :func:`lowrank.streaming.fused_scores`
+  sets for it). Chosen on validation windows in ``bench/results/zs_svd_gradient_windows_cpu.md``.
+
 In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ W`` with gradient
 ``G' = ∂L/∂W' = T^{-1} G``, so ``first_order`` gives ``g_i = u_iᵀ T^{-1} G S^{-T} v_i`` and ``ΔL_i = −σ_i g_i``.
 """
@@ -52,7 +63,8 @@ from .spaces import input_factor, output_factor
 from .whitening import output_gradient, unwhiten_left, whiten, whiten_left
 
 __all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "second_order_delta",
-           "window_curvature_delta", "score_targets", "ComponentStats", "ComponentProbe", "component_directions"]
+           "window_curvature_delta", "tail_curvature_delta", "trimmed_window_mean", "TAIL_TRIM", "score_targets",
+           "ComponentStats", "ComponentProbe", "component_directions"]
 
 
 def whitened_gradient(G: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +94,25 @@ def second_order_delta(sigma: torch.Tensor, g: torch.Tensor, fisher: torch.Tenso
 def window_curvature_delta(sigma: torch.Tensor, g2: torch.Tensor, window_tokens: int) -> torch.Tensor:
     """``ΔL_i ≈ ½ σ_i² · T · g2_i`` with ``g2_i = (1/W) Σ_w ḡ_{w,i}²`` (the window-level empirical Fisher)."""
     return 0.5 * sigma.square() * window_tokens * g2
+
+
+TAIL_TRIM = 0.1  # tail_curvature: fraction of windows dropped from the top of each window mean
+
+
+def trimmed_window_mean(x: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean over windows (dim 0 of ``x`` [W, r]) without each column's ``round(trim · W)`` largest values."""
+    keep = x.shape[0] - int(round(trim * x.shape[0]))
+    return x.sort(dim=0).values[: max(keep, 1)].mean(dim=0)
+
+
+def tail_curvature_delta(sigma: torch.Tensor, g_rows: torch.Tensor, window_tokens: int, trim: float = TAIL_TRIM
+                         ) -> torch.Tensor:
+    """``ΔL_k = C(k) − C(k + 1)`` with ``C(k) = ½ T M_w[(Σ_{i≥k} σ_i ḡ_{w,i})²]`` (``C(r) = 0``): the window Fisher
+    of removing the tail ``i ≥ k`` at once, ``M_w`` the mean over the windows (rows of ``g_rows`` [W, r]) without
+    each column's top ``trim`` fraction."""
+    tail = (sigma * g_rows).flip(-1).cumsum(-1).flip(-1)  # [W, r]: Σ_{i≥k} σ_i ḡ_{w,i}
+    C = 0.5 * window_tokens * trimmed_window_mean(tail.square(), trim)
+    return C - torch.cat([C[1:], C.new_zeros(1)])
 
 
 def component_directions(W: torch.Tensor, S: torch.Tensor | None, T: torch.Tensor | None, method: str = "svd"
@@ -174,12 +205,13 @@ class Scorer:
     """``fn(W, S, G) -> (σ, score)``; ``needs_gradients`` says whether ``G`` must be computed. A scorer with
     ``from_components`` scores from per-component statistics instead (:class:`ComponentStats` averaged over the
     windows, gathered by a :class:`ComponentProbe` during the streamed backward): ``from_components(stats) ->
-    score``."""
+    score``; with ``window_rows`` it gets the per-window rows ([windows, r]) instead of their means."""
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None  # fn(W, S, G, method="svd"|"eigh")
     needs_gradients: bool
     description: str
     from_components: Callable[[ComponentStats], torch.Tensor] | None = None
+    window_rows: bool = False  # from_components reads every window's row, not the means
 
 
 def _sigma(W: torch.Tensor, S: torch.Tensor | None, G: torch.Tensor | None, method: str = "svd"
@@ -205,6 +237,10 @@ SCORERS: dict[str, Scorer] = {
     "window_curvature": Scorer(None, True, "curvature of removing each component, from the empirical Fisher of "
                                "window-mean gradients (default zs-svd scorer)",
                                from_components=lambda c: window_curvature_delta(c.sigma, c.g2, c.window_tokens)),
+    "tail_curvature": Scorer(None, True, "curvature of removing each sigma tail at once, from the windows' mean "
+                             "gradients (trimmed mean over windows; default zs-svd scorer)",
+                             from_components=lambda c: tail_curvature_delta(c.sigma, c.g, c.window_tokens),
+                             window_rows=True),
 }
 
 
@@ -229,7 +265,10 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
             raise ValueError(f"scorer {scorer!r} needs per-component statistics (a ComponentProbe in the streamed "
                              f"gradients, as fused_scores runs it); missing for {missing[:3]}")
         for t in targets:
-            c = comps[t.name].mean()
+            c = comps[t.name] if sc.window_rows else comps[t.name].mean()
+            if sc.window_rows and c.g.ndim != 2:
+                raise ValueError(f"scorer {scorer!r} needs every window's statistics (ComponentProbe with "
+                                 f"per_window=True); {t.name} has their means only")
             out[t.name] = {"sigma": c.sigma, "score": sc.from_components(c)}
         return out
     for t in progress(targets, desc=f"score {scorer}/{whitening}"):

@@ -32,19 +32,23 @@ def fused_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, devic
     Equal to :func:`lowrank.scoring.score_targets` on :func:`streamed_gradients`'s ``G``, with one block of
     gradients alive at a time instead of the whole model's (float64: 8 bytes per target weight). A scorer that
     reads per-component statistics (``second_order``) gets them from a :class:`lowrank.scoring.ComponentProbe`
-    (no ``G`` is accumulated then). Returns the
+    (no ``G`` is accumulated then; every window's rows for a ``window_rows`` scorer, averaged once the block is
+    scored). Returns the
     scores in target order and the gradients' bookkeeping (``G`` empty, ``loss``, ``tokens``).
     """
     device = torch.device(device)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    probe = (ComponentProbe(model, whitening, stats, damping, device, decomposition)
-             if scorer in SCORERS and SCORERS[scorer].from_components is not None else None)
+    sc = SCORERS.get(scorer)
+    probe = (ComponentProbe(model, whitening, stats, damping, device, decomposition, per_window=sc.window_rows)
+             if sc is not None and sc.from_components is not None else None)
 
     def on_block(i: int, G_i: dict[str, torch.Tensor], F_i: dict[str, torch.Tensor] | None) -> None:
         tl = [t for t in targets if t.block == i]
         comps = None if probe is None else {t.name: probe.result[t.name] for t in tl}
         part = TargetGradients(G=G_i, fisher=None, tokens=0, loss=0.0, components=comps)
         out.update(score_targets(model, tl, scorer, whitening, stats, damping, device, part, decomposition))
+        if comps is not None:  # per-window rows are only needed while the block is scored
+            probe.result.update({n: c.mean() for n, c in comps.items()})
 
     grads = streamed_gradients(model, windows, batch_size, device, targets=targets, offload=offload,
                                on_block=on_block, keep=False, probe=probe, need_G=probe is None)

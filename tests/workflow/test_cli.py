@@ -45,7 +45,7 @@ def test_help_lists_every_recipe_of_the_full_table() -> None:
     out = lowrank("--help").stdout
     for name in yaml.safe_load((REPO / "config" / "full.yaml").read_text())["methods"]:
         assert f"  {name} " in out, name
-    assert "zs-svd-remap     input_gram/window_curvature/zero_sum + int8 remap" in out
+    assert "zs-svd-remap     input_gram/tail_curvature/zero_sum + int8 remap" in out
     assert "svd-llm-refine   input_gram/sigma/uniform + refine closed_form" in out
     bad = lowrank("compress", "x", "--method", "zs-svdd", check=False)
     assert bad.returncode == 2 and "zs-svdd" in bad.stderr
