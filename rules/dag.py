@@ -50,6 +50,9 @@ def setup(cfg: dict[str, Any], wf: Any) -> None:
     its fix) and list its models, methods and ratios. Called once, by rules/common.smk."""
     global config, workflow, REPO
     config, workflow, REPO = cfg, wf, Path(wf.basedir)
+    RECIPES.clear()  # a second workflow in the same process (the `lowrank` CLI) starts afresh
+    code_fingerprint.cache_clear()
+    _import_graph.cache_clear()
     _check_config()
     _check_dvc_deps()
     MODELS[:] = list(config["models"])
