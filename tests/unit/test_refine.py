@@ -8,11 +8,13 @@ import copy
 import pytest
 import torch
 
+import lowrank.refine as refine_mod
 from lowrank.allocation import allocate
 from lowrank.calibration import collect_input_grams
 from lowrank.factorized import LowRankLinear
 from lowrank.model import find_targets, linear_weight, replace_module
-from lowrank.refine import RefineConfig, block_groups, check_recipe, refine_model, refit_down, refit_up
+from lowrank.refine import (RefineConfig, block_groups, check_recipe, refine_model, refit_down, refit_up,
+                            refit_up_projected)
 from lowrank.truncation import truncate, truncate_model
 from lowrank.whitening import whitening_factor
 
@@ -199,3 +201,42 @@ def test_recipe_combinations_that_cannot_run_are_refused(extra, match):
     assert "zs-svd-refine" in str(e.value)
     assert check_recipe("x", {"refine": {"mode": "none"}}) is None
     assert check_recipe("x", {"refine": {"mode": "adam", "steps": 5}}).steps == 5
+
+
+def test_refit_up_projected_equals_refit_up():
+    """The refit from the projected sums ``Q = X_d (B X_c)ᵀ``, ``P = (B X_c)(B X_c)ᵀ`` is the Gram refit."""
+    W, A0, B, X_d, X_c = _problem()
+    Z = B @ X_c
+    for anchor in (0.0, 1.0):
+        a = refit_up(W, B, X_d @ X_c.T, X_c @ X_c.T, 1e-4, anchor, A0)
+        b = refit_up_projected(W, X_d @ Z.T, Z @ Z.T, 1e-4, anchor, A0)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_projected_sums_are_chosen_only_where_cheaper():
+    """SmolLM2 at kept 0.6: the down projection (n 1536, r 251) and o (576, 173) take the projected sums, the
+    gate/up group (two targets of r 251 on n 576) keeps the two n×n Grams."""
+    assert refine_mod._projected_is_cheaper([LowRankLinear(1536, 576, 251)])
+    assert refine_mod._projected_is_cheaper([LowRankLinear(576, 576, 173)])
+    assert not refine_mod._projected_is_cheaper([LowRankLinear(576, 1536, 251)] * 2)
+
+
+@pytest.mark.parametrize("cfg", [RefineConfig(damping=1e-6),
+                                 RefineConfig(damping=1e-6, anchor=0.0, target_mix=1.0, sequential=False)],
+                         ids=["defaults", "lsq_parallel"])
+def test_projected_statistics_give_the_grams_refit(tiny_llama, windows, cfg, monkeypatch):
+    """Every target refitted from the projected sums, or every one from the n×n Grams: the same factors and
+    block errors up to float order (the tiny model's shapes would pick either)."""
+    dense = tiny_llama
+    model = copy.deepcopy(dense)
+    _truncated(model, windows)
+    out = {}
+    for projected in (False, True):
+        monkeypatch.setattr(refine_mod, "_projected_is_cheaper", lambda mods, p=projected: p)
+        m = copy.deepcopy(model)
+        rep = refine_model(m, dense, windows, cfg)
+        out[projected] = (m.state_dict(), rep.blocks)
+    for k, v in out[False][0].items():
+        torch.testing.assert_close(out[True][0][k], v, rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[False][1], out[True][1]):
+        assert a["error_after"] == pytest.approx(b["error_after"], rel=1e-6)
