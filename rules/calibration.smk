@@ -26,6 +26,7 @@ rule calibration_stats:
         "logs/calibration_stats/{model}/{source}/{stat}.log",
     benchmark:
         "benchmarks/calibration_stats/{model}/{source}/{stat}.tsv"
+    priority: 20  # upstream of every method: started first when cores free up (issue 15)
     threads: 8
     resources:
         mem_mb=mem_mb_streamed_for,

@@ -29,6 +29,7 @@ rule score_components:
         "logs/score_components/{model}/{source}/{whitening}/{scorer}.log",
     benchmark:
         "benchmarks/score_components/{model}/{source}/{whitening}/{scorer}.tsv"
+    priority: 10  # the gradient scores are the default run's longest job: before the per-recipe jobs
     threads: lambda wc: 8 if SCORERS[wc.scorer].needs_gradients else light_threads(wc)
     resources:
         mem_mb=mem_mb_streamed_for,
