@@ -122,7 +122,7 @@ def collect_input_grams(model: nn.Module, windows: torch.Tensor, batch_size: int
     """Input second moments ``C = XᵀX/N`` of every target, one per distinct input tensor, streamed block by block.
 
     ``precision``: how each batch's ``XᵀX`` is formed before it is added to the float64 sum (:mod:`lowrank.grams`:
-    ``float64``, ``mixed``, or ``auto`` = mixed on CUDA, float64 elsewhere)."""
+    ``float64``, ``mixed``, or ``auto`` = mixed)."""
     resolve_precision(precision, torch.device(device))  # a bad value fails before the model runs
     G: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}

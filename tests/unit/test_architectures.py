@@ -97,7 +97,7 @@ def arch(request) -> dict:
     mt = request.param
     model = build(mt)
     w = windows()
-    stats = {"input_gram": collect_input_grams(model, w, 4, CPU),
+    stats = {"input_gram": collect_input_grams(model, w, 4, CPU, precision="float64"),
              "act_scale": collect_act_scales(model, w, 4, CPU, alpha=0.5),
              "fisher": collect_fisher(model, w, 4, CPU, alpha=1.0, max_windows=4),
              "output_kl": collect_output_kl(model, w, 4, CPU, top_k=3, max_windows=2)}

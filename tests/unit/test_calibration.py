@@ -45,8 +45,10 @@ def llama_grams(_llama_base):
     model = copy.deepcopy(_llama_base)
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(11))
     cpu = torch.device("cpu")
-    return {"model": model, "windows": windows, "bs4": collect_input_grams(model, windows, 4, cpu),
-            "bs1": collect_input_grams(model, windows, 1, cpu)}
+    # float64 products: the streamed sums equal the direct ones to round-off; "mixed" (the default "auto") to 1e-6
+    return {"model": model, "windows": windows, "bs4": collect_input_grams(model, windows, 4, cpu, precision="float64"),
+            "bs1": collect_input_grams(model, windows, 1, cpu, precision="float64"),
+            "auto": collect_input_grams(model, windows, 4, cpu)}
 
 
 def test_streamed_grams_equal_direct_hooks(llama_grams):
@@ -55,6 +57,8 @@ def test_streamed_grams_equal_direct_hooks(llama_grams):
     assert set(ref) == set(grams.group_of)
     for name, (C_ref, n_tok) in ref.items():
         _assert_gram_close(grams.for_target(name), C_ref)
+        auto = llama_grams["auto"].for_target(name)
+        assert float((auto - C_ref).abs().max()) <= 1e-6 * float(C_ref.abs().max())
         assert grams.tokens[grams.group_of[name]] == n_tok == 4 * 16
         # a second moment is symmetric PSD
         C = grams.for_target(name)
@@ -97,7 +101,7 @@ def test_model_restored_after_calibration(llama_grams):
 
 
 def test_gpt2_conv1d_grams_equal_direct(tiny_gpt2, token_windows, cpu):
-    grams = collect_input_grams(tiny_gpt2, token_windows, 2, cpu)
+    grams = collect_input_grams(tiny_gpt2, token_windows, 2, cpu, precision="float64")
     ref = _direct_grams(tiny_gpt2, token_windows)
     assert len(grams.C) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj read four distinct inputs
     for name, (C_ref, _) in ref.items():

@@ -23,9 +23,17 @@ def test_mixed_equals_float64(dtype):
     assert not torch.equal(mixed, exact) or dtype == torch.bfloat16  # float32 products do round
 
 
+def test_mixed_keeps_float64_inputs_exact():
+    x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    G = torch.zeros(16, 16, dtype=torch.float64)
+    gram_update(G, x, "mixed")
+    assert torch.equal(G, torch.zeros_like(G).addmm_(x.T, x))
+
+
 def test_precision_resolution(monkeypatch):
-    assert resolve_precision("auto", torch.device("cpu")) == "float64"
+    assert resolve_precision("auto", torch.device("cpu")) == "mixed"
     assert resolve_precision("auto", torch.device("cuda")) == "mixed"
+    assert resolve_precision("float64", torch.device("cpu")) == "float64"
     assert resolve_precision("float64", torch.device("cuda")) == "float64"
     monkeypatch.setenv("LOWRANK_GRAM_PRECISION", "float64")  # the config key statistics.input_gram.precision
     assert resolve_precision("auto", torch.device("cuda")) == "mixed"  # replaced the environment switch
