@@ -81,7 +81,7 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor,
 def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                           device: torch.device | str = "cpu", targets: list[Target] | None = None,
                           fisher: bool | str = False, streamed: bool = True, offload: str = "auto",
-                          need_G: bool = True) -> TargetGradients:
+                          need_G: bool = True, probe: "TokenProbe | None" = None) -> TargetGradients:
     """``∂L/∂W`` for every target over all ``windows``, one forward + one backward per batch.
 
     ``streamed`` (default): block by block, one block resident on ``device`` at a time
@@ -90,10 +90,17 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
     gradients up to floating-point summation order. ``fisher``: ``False``/``"none"``, ``True``/``"full"``
     (m×n ``Σ_b g_b²``) or ``"columns"`` (n-vector ``Σ_b Σ_i g_b²``, all FWSVD needs); ``need_G=False`` skips
     ``G`` (Fisher only).
+
+    ``probe`` (:class:`TokenProbe`): per-token statistics, as in :func:`streamed_gradients`. On the whole-model
+    path every block's ``begin_block`` is called first, the probe gets each target's ``(x, d)`` as the backward
+    reaches it, and ``end_block`` closes every block after the last batch. The backward starts from the input
+    embeddings' output (a leaf that requires grad), so with frozen weights no weight gradient is formed: one
+    forward and one backward per batch, where the streamed pass also recomputes every block's forward (about a
+    fifth of its FLOPs with a probe on SmolLM2) in exchange for holding one block at a time.
     """
     if streamed:
         return streamed_gradients(model, windows, batch_size, device, targets=targets, fisher=fisher,
-                                  need_G=need_G, offload=offload)
+                                  need_G=need_G, offload=offload, probe=probe)
     mode = "full" if fisher is True else ("none" if fisher is False else str(fisher))
     if mode not in ("none", "full", "columns"):
         raise ValueError(f"fisher must be 'none', 'full' or 'columns', got {fisher!r}")
@@ -112,13 +119,34 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
     Fi = None if mode == "none" else {
         t.name: torch.zeros(*((t.shape.m, t.shape.n) if mode == "full" else (t.shape.n,)), dtype=torch.float64)
         for t in targets}
+    if probe is not None and not need_G and mode == "none":
+        for w in weights:  # the probe reads (x, δ) only: no weight gradients
+            w.requires_grad_(False)
+        weights = []
+    leaf: list[torch.Tensor] = []
+    handles = []
+    if probe is not None:
+        def grad_leaf(_mod: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+            leaf.append(out.detach().requires_grad_(True))
+            return leaf[-1]
+
+        handles.append(model.get_input_embeddings().register_forward_hook(grad_leaf))
+        by_block = targets_by_block(targets)
+        for i in sorted(by_block):
+            probe.begin_block(i, by_block[i])
+    n_now = [0]
     loss_sum = 0.0
     try:
+        if probe is not None:
+            handles += [m.register_forward_hook(_probe_hook(t.name, probe, n_now)) for t, m in zip(targets, modules)]
         starts = range(0, windows.shape[0], batch_size)
         for s in progress(starts, desc="gradients", total=len(starts)):
             batch = windows[s : s + batch_size].to(device)
-            loss, n_b = causal_lm_loss(model, batch)
-            grads = torch.autograd.grad(loss, weights)
+            leaf.clear()
+            with torch.enable_grad():
+                loss, n_b = causal_lm_loss(model, batch)
+                n_now[0] = n_b
+                grads = torch.autograd.grad(loss, leaf + weights)[len(leaf):]
             loss_sum += float(loss.detach()) * n_b
             for t, mod, g in zip(targets, modules, grads):
                 g = g.detach().T if weight_is_transposed(mod) else g.detach()
@@ -127,11 +155,18 @@ def calibration_gradients(model: nn.Module, windows: torch.Tensor, batch_size: i
                     G[t.name].add_(g64, alpha=n_b / total)
                 if Fi is not None:
                     Fi[t.name].add_(g64.square() if mode == "full" else g64.square().sum(dim=0))
+        if probe is not None:
+            for i in sorted(by_block):
+                probe.end_block(i)
     finally:
+        for h in handles:
+            h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
-    return TargetGradients(G=G, fisher=Fi, tokens=total, loss=loss_sum / total)
+    comps = None if probe is None else {t.name: probe.result[t.name] for t in targets
+                                        if t.name in getattr(probe, "result", {})}
+    return TargetGradients(G=G, fisher=Fi, tokens=total, loss=loss_sum / total, components=comps)
 
 
 @torch.no_grad()
@@ -184,6 +219,18 @@ class TokenProbe(Protocol):
     def add(self, name: str, x: torch.Tensor, d: torch.Tensor, n_b: int) -> None: ...
 
     def end_block(self, i: int) -> None: ...
+
+
+def _probe_hook(name: str, probe: TokenProbe, n_now: list[int]) -> Callable[..., None]:
+    """Forward hook of the whole-model path: hand the module's input and, once the backward reaches it, the
+    gradient at its output to ``probe.add`` (``n_now[0]``: the batch's predictions)."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        x = args[0].detach()
+        if out.requires_grad:
+            out.register_hook(lambda d: probe.add(name, x, d.detach(), n_now[0]))
+
+    return hook
 
 
 def _capture_hook(name: str, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., None]:

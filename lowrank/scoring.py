@@ -155,13 +155,15 @@ class ComponentStats:
 @dataclass
 class ComponentProbe:
     """Accumulates ``ḡ_i = (1/N) Σ_t a_ti b_ti`` and ``F_i = (1/N) Σ_t (a_ti b_ti)²`` of every target, with
-    ``a_t = P_outᵀ δ_t`` and ``b_t = P_inᵀ x_t`` (:func:`component_directions`), during a streamed backward
-    (:func:`lowrank.streaming.streamed_gradients`'s ``probe``). The hooks give ``d_t = ∂L_b/∂y_t`` of the batch
+    ``a_t = P_outᵀ δ_t`` and ``b_t = P_inᵀ x_t`` (:func:`component_directions`), during a backward (the ``probe``
+    of :func:`lowrank.gradients.streamed_gradients`, block by block, or of the whole-model
+    :func:`lowrank.gradients.calibration_gradients`, every block open at once). The hooks give ``d_t = ∂L_b/∂y_t`` of the batch
     token-mean loss; the per-token gradient is ``δ_t = n_b d_t``. Each window's sums are divided by its
     ``T − 1`` predictions, and windows are averaged, which is the token mean over all windows (equal lengths).
     Directions are computed in float64; the projections ``a_t``, ``b_t`` run in the model's precision (at least
     float32; float64 for a float64 model), their products and sums in float64: on SmolLM2 this halves the probe's
-    cost and leaves the zero-sum allocation identical at kept 0.8 / 0.6 / 0.4 (bench/results/default_run_cpu.md). ``per_window``: keep every window's row instead of the mean."""
+    cost and leaves the zero-sum allocation identical at kept 0.8 / 0.6 / 0.4 (bench/results/default_run_cpu.md).
+    ``per_window``: keep every window's row instead of the mean."""
 
     model: nn.Module
     whitening: str
@@ -173,10 +175,11 @@ class ComponentProbe:
     result: dict[str, ComponentStats] = field(default_factory=dict)
     _dirs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    _blocks: dict[int, list[str]] = field(default_factory=dict)  # open blocks: their targets
     window_tokens: int = 0
 
     def begin_block(self, i: int, targets: list[Target]) -> None:
-        self._dirs, self._rows = {}, {}
+        self._blocks[i] = [t.name for t in targets]
         for t in targets:
             W = linear_weight(self.model.get_submodule(t.name)).detach().to(self.device)
             S = input_factor(self.whitening, t.name, self.stats, self.damping, self.device)
@@ -196,12 +199,12 @@ class ComponentProbe:
         self.window_tokens = n_w
 
     def end_block(self, i: int) -> None:
-        for name, rows in self._rows.items():
+        for name in self._blocks.pop(i):
+            rows = self._rows.pop(name)
             g = torch.cat([r[0] for r in rows]).cpu()
             F = torch.cat([r[1] for r in rows]).cpu()
-            stats = ComponentStats(self._dirs[name][0].cpu(), g, F, g.square(), self.window_tokens)
+            stats = ComponentStats(self._dirs.pop(name)[0].cpu(), g, F, g.square(), self.window_tokens)
             self.result[name] = stats if self.per_window else stats.mean()
-        self._dirs, self._rows = {}, {}
 
 
 @dataclass(frozen=True)

@@ -198,8 +198,14 @@ def scoring_inputs(wc):
 
 
 def scoring_options(wc):
-    """The gradient options, only for scorers that take gradients (so sigma scores never rerun for them)."""
-    return config["scoring"] if SCORERS[wc.scorer].needs_gradients else {}
+    """The gradient options, only for scorers that take gradients (so sigma scores never rerun for them), with
+    `streamed: auto` resolved by the model's size (whole-model passes below GPU_MIN_SIZE_B)."""
+    if not SCORERS[wc.scorer].needs_gradients:
+        return {}
+    opts = dict(config["scoring"])
+    if opts.get("streamed", "auto") == "auto":
+        opts["streamed"] = config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B
+    return opts
 
 
 def stages_of(method):

@@ -6,7 +6,7 @@ from lowrank.blocks import for_each_block
 from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import find_targets, load_model
-from lowrank.scoring import SCORERS, score_targets
+from lowrank.scoring import SCORERS, ComponentProbe, score_targets
 from lowrank.sharded import is_lazy, load_model_streaming
 from lowrank.streaming import fused_scores
 
@@ -14,9 +14,8 @@ from lowrank.streaming import fused_scores
 def run(smk) -> None:
     with stage(smk) as st:
         scorer, whitening, opts = smk.params.scorer, smk.params.whitening, dict(smk.params.scoring)
-        needs = SCORERS[scorer].needs_gradients
-        # per-component statistics (second_order) are gathered by the streamed backward only
-        streamed = (bool(opts.get("streamed", True)) or SCORERS[scorer].from_components is not None) and needs
+        needs, probed = SCORERS[scorer].needs_gradients, SCORERS[scorer].from_components is not None
+        streamed = bool(opts.get("streamed", True)) and needs
         stats, decomposition = load_stats(smk), getattr(smk.params, "decomposition", "svd")
         # streamed: one block at a time on the device, the model in CPU memory (or lazy, from its shards)
         model = (load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk)) if streamed
@@ -29,10 +28,12 @@ def run(smk) -> None:
                                          whitening, stats, smk.params.damping, decomposition,
                                          opts.get("offload", "auto"))
         else:
-            if needs:
+            if needs:  # the whole model on the device: one forward + one backward per batch
                 windows = load_tensors(smk.input.windows)[0]["tokens"][: opts["gradient_windows"]]
+                probe = (ComponentProbe(model, whitening, stats, smk.params.damping, st.device, decomposition,
+                                        per_window=SCORERS[scorer].window_rows) if probed else None)
                 grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets,
-                                              streamed=False)
+                                              streamed=False, need_G=not probed, probe=probe)
             if is_lazy(model):  # pragma: no cover - sigma scores of a lazy model: each block while resident
                 scores = {}
                 for part in for_each_block(model, targets, st.device, lambda i, tl: score_targets(

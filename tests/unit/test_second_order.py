@@ -124,6 +124,30 @@ def test_float32_model_probe_projects_in_float32_and_matches_float64(model64):
         torch.testing.assert_close(s32, s64, rtol=1e-3, atol=1e-4 * float(s64.abs().max()))
 
 
+@pytest.mark.parametrize("space", ["input_gram", "io_kl"])
+def test_whole_model_probe_equals_the_streamed_one(model64, space):
+    """calibration_gradients(streamed=False, probe=...) (one forward + one backward per batch, every block open)
+    gives the streamed probe's per-window rows and leaves the model's requires_grad flags as they were."""
+    model, windows, targets, grams = model64
+    stats = dict(grams)
+    if space == "io_kl":
+        stats["output_kl"] = collect_output_kl(model, windows[:4], 4, torch.device("cpu"), targets, top_k=5)
+    flags = [p.requires_grad for p in model.parameters()]
+    streamed = ComponentProbe(model, space, stats, 1e-6, "cpu", per_window=True)
+    a = streamed_gradients(model, windows, 3, "cpu", targets, probe=streamed, need_G=False)
+    whole = ComponentProbe(model, space, stats, 1e-6, "cpu", per_window=True)
+    b = calibration_gradients(model, windows, 3, "cpu", targets, streamed=False, need_G=False, probe=whole)
+    assert b.G == {} and b.components is not None and set(b.components) == {t.name for t in targets}
+    assert b.loss == pytest.approx(a.loss, rel=1e-12) and b.tokens == a.tokens
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    for t in targets:
+        x, y = streamed.result[t.name], whole.result[t.name]
+        assert y.g.shape == (8, t.shape.full_rank)
+        torch.testing.assert_close(y.g, x.g, rtol=1e-6, atol=1e-7 * float(x.g.abs().max()))
+        torch.testing.assert_close(y.fisher, x.fisher, rtol=1e-6, atol=1e-7 * float(x.fisher.max()))
+        torch.testing.assert_close(y.sigma, x.sigma, rtol=0, atol=0)
+
+
 def test_per_window_rows_average_to_the_whole(model64):
     model, windows, targets, grams = model64
     whole = ComponentProbe(model, "input_gram", grams)
