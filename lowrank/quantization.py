@@ -40,6 +40,7 @@ from .accounting import (LAYOUTS, QUANTIZERS, Layout, TargetShape, bias_bytes, b
 from .allocation import allocate_bytes, byte_accounting, check_allocation, greedy_byte_ranks
 from .model import linear_bias, linear_weight, replace_module
 from .quantized_linear import FLOAT_STORAGE, QMAX, QuantizedLinear, dequantize_rows, quantize_rows
+from .spaces import BoundSpace
 from .truncation import truncate
 
 # the byte accounting (lowrank.accounting) and the byte allocation (lowrank.allocation) are re-exported here
@@ -150,23 +151,21 @@ class QuantizeResult:
 
 @torch.no_grad()
 def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: float,
-                   ranks: Mapping[str, int | None],
-                   factor_of: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]],
+                   ranks: Mapping[str, int | None], space: BoundSpace,
                    gradients_of: Callable[[Any], Any] | None = None,
-                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None,
-                   decomposition: str = "svd") -> QuantizeResult:
+                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None
+                   ) -> QuantizeResult:
     """Truncate to the byte-budget ``ranks``, choose int8 rows, swap in ``QuantizedLinear`` (in place).
 
     ``ranks``: the int8 recipe's allocation (:func:`allocate_bytes`, made by the allocate stage: the ranks the
     summary reports are the ones stored here); their position layout must fit ``⌊ρ · Σ 2 m n⌋`` bytes.
-    ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
+    ``space`` (:func:`lowrank.spaces.bind`): the method's space, its factors ``(S, T)`` and decomposition method
+    for a target missing from ``directions``; ``gradients_of(model)``
     returns calibration gradients (:class:`lowrank.gradients.TargetGradients`) of the model as it is when
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
     the ranks do not fit the budget (the ``ValueError`` comes before any change). ``directions``: the targets'
     unwhitened component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`,
-    stored: :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
-    ``decomposition``: how a target missing from ``directions`` is decomposed
-    (:func:`lowrank.decompose.thin_svd`)."""
+    stored: :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them."""
     mode = check_mode(mode)
     if mode == "loss_aware" and gradients_of is None:
         raise ValueError("quantization mode loss_aware needs calibration gradients")
@@ -192,8 +191,8 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
             f = truncate(W.to(device), k, directions=directions[t.name])
         else:
-            S, T = factor_of(t.name)
-            f = truncate(W.to(device), k, S, T, method=decomposition)
+            S, T = space.factors(t.name)
+            f = truncate(W.to(device), k, S, T, method=space.decomposition)
         mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
     diagnostics: dict[str, Any] = {"ranks": ranks}
     if mode == "loss_aware":

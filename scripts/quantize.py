@@ -11,7 +11,7 @@ from lowrank.gradients import calibration_gradients
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, load_model
 from lowrank.quantization import FLOAT_STORAGE, QuantizeConfig, quantize_model
-from lowrank.spaces import input_factor, output_factor
+from lowrank.spaces import bind
 
 
 def run(smk) -> None:
@@ -24,10 +24,9 @@ def run(smk) -> None:
         stats = load_stats(smk)
         windows = load_tensors(smk.input.windows)[0]["tokens"][: q.gradient_windows]
         res = quantize_model(
-            model, targets, q.mode, ratio, ranks,
-            lambda n: (input_factor(space, n, stats, damping, st.device), output_factor(space, n, stats, st.device)),
+            model, targets, q.mode, ratio, ranks, bind(space, stats, damping, smk.params.decomposition, st.device),
             lambda m: calibration_gradients(m, windows, q.gradient_batch_size, st.device, targets), st.device,
-            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None, smk.params.decomposition)
+            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
                     q.mode, res.accounted_bytes, res.budget_bytes, frac,

@@ -18,6 +18,7 @@ from lowrank.quantization import (QUANTIZERS, allocate_bytes, byte_accounting, b
                                   dequantize_rows, greedy_byte_ranks, hq_layout, layout_bytes, matrix_bytes,
                                   quantize_model, quantize_rows, remap_layout, row_scores, select_rows_loss_aware)
 from lowrank.quantized_linear import PackedRows, QuantizedLinear
+from lowrank.spaces import bind
 
 
 def _matrix(r: int = 12, c: int = 20, seed: int = 0) -> torch.Tensor:
@@ -132,7 +133,7 @@ def test_byte_allocation_is_the_one_quantize_stores(tiny_llama):
             check_allocation(alloc.to_json(), mode, 0.4)  # a parameter allocation: no quantize entry
     model = copy.deepcopy(tiny_llama)
     res = quantize_model(model, targets, "remap", 0.4, allocate_bytes("remap", shapes, 0.4, scores).ranks,
-                         lambda n: (None, None))
+                         bind("none"))
     assert {n: lay.rank for n, lay in res.layouts.items()} == allocate_bytes("remap", shapes, 0.4, scores).ranks
     assert res.accounted_bytes == byte_accounting("remap", allocate_bytes("remap", shapes, 0.4, scores))[
         "layout_bytes"]
@@ -208,7 +209,7 @@ def test_quantize_save_load_round_trip_bytes_on_disk(tmp_path, tiny_llama_spec, 
     model = load_model(manifest)
     targets = find_targets(model)
     grads_of = (lambda m: calibration_gradients(m, token_windows[:2], 2, "cpu", targets))
-    res = quantize_model(model, targets, mode, 0.4, _ranks(model, mode, 0.4), lambda n: (None, None), grads_of)
+    res = quantize_model(model, targets, mode, 0.4, _ranks(model, mode, 0.4), bind("none"), grads_of)
     assert res.accounted_bytes <= res.budget_bytes == int(0.4 * res.dense_bytes)
     assert any(lay.rank is not None for lay in res.layouts.values())
     if mode == "hq":
@@ -235,15 +236,15 @@ def test_bad_mode_and_budget_leave_the_model_untouched(tiny_llama):
     targets = find_targets(tiny_llama)
     ranks = _ranks(tiny_llama, "remap", 0.5)
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
-        quantize_model(tiny_llama, targets, "int4", 0.5, ranks, lambda n: (None, None))
+        quantize_model(tiny_llama, targets, "int4", 0.5, ranks, bind("none"))
     with pytest.raises(ValueError, match="below what must stay"):
         _ranks(tiny_llama, "remap", 0.005)
     # ranks of a larger budget (or of another layout) do not fit this one: refused before any change
     with pytest.raises(ValueError, match="over the byte budget"):
-        quantize_model(tiny_llama, targets, "remap", 0.3, ranks, lambda n: (None, None))
+        quantize_model(tiny_llama, targets, "remap", 0.3, ranks, bind("none"))
     with pytest.raises(ValueError, match="no rank for 1 targets"):
         quantize_model(tiny_llama, targets, "remap", 0.5, {k: v for k, v in list(ranks.items())[1:]},
-                       lambda n: (None, None))
+                       bind("none"))
     after = tiny_llama.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert isinstance(tiny_llama.get_submodule(targets[0].name), torch.nn.Linear)
@@ -252,7 +253,7 @@ def test_bad_mode_and_budget_leave_the_model_untouched(tiny_llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quantized_model_runs_on_cuda(tiny_llama, token_windows):
     targets = find_targets(tiny_llama)
-    quantize_model(tiny_llama, targets, "remap", 0.5, _ranks(tiny_llama, "remap", 0.5), lambda n: (None, None))
+    quantize_model(tiny_llama, targets, "remap", 0.5, _ranks(tiny_llama, "remap", 0.5), bind("none"))
     with torch.no_grad():
         cpu = tiny_llama(input_ids=token_windows).logits
         gpu = tiny_llama.to("cuda")(input_ids=token_windows.cuda()).logits.cpu()
