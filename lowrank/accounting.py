@@ -139,7 +139,6 @@ class Budget:
 FLOAT_BYTES = 2
 SCALE_BYTES = 4  # one float32 scale per int8 row
 MASK_BYTES = 1  # one uint8 flag per row
-QUANTIZERS = ("remap", "hq", "loss_aware")
 
 
 def matrix_bytes(rows: int, cols: int, n_int8: int) -> int:
@@ -212,6 +211,7 @@ def hq_layout(shape: TargetShape, k: int | None) -> Layout:
 
 LAYOUTS: dict[str, Callable[[TargetShape, int | None], Layout]] = {
     "remap": remap_layout, "hq": hq_layout, "loss_aware": remap_layout}
+QUANTIZERS: tuple[str, ...] = tuple(LAYOUTS)  # the int8 modes (quantize.mode besides none)
 
 
 def check_mode(mode: Any) -> str:
