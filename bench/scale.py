@@ -11,6 +11,13 @@ Stages (the pipeline's own functions, streamed block by block):
 * ``allocation``: zero-sum allocation at ``--ratio``.
 * ``truncation``: :func:`lowrank.resume.truncate_blocks` (per-block factor files); floor: the decompositions.
 
+``--whole-model-stages`` adds the stages that still hold the whole model (as their scripts do: the compressed
+model resident), each in its own peak-memory window that includes building it (the random model in memory, the
+same weights, truncated to the same ranks, as ``load_compressed`` would rebuild it): ``correction``
+(:func:`lowrank.correction.correct_model`, one projected step, one backtrack, the dense targets as teacher) and
+``evaluation`` (:func:`lowrank.evaluation.perplexity` over the calibration windows). Their peak RSS grows with
+depth until they are streamed (issue 18, item 7); the streamed stages' does not.
+
 The floors run with the model resident on the device when it fits there (else block by block, as the stages),
 in the same process, so ratios are meaningful on any machine. Peak memory: host RSS (sampled every 5 ms) and, on
 CUDA, ``torch.cuda.max_memory_allocated`` per stage. ``--lazy`` saves the random model as safetensors shards and
@@ -104,7 +111,11 @@ def build(a: argparse.Namespace, folder: str | None) -> torch.nn.Module:
     dtype = DTYPES[a.dtype]
     with init_empty_weights(include_buffers=False):
         model = LlamaForCausalLM(cfg).to(dtype)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # real (rotary inv_freq): to_empty would drop them
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        for n, b in buffers.items():
+            model.get_buffer(n).copy_(b)
     g = torch.Generator().manual_seed(a.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -148,6 +159,40 @@ def floors(model: torch.nn.Module, a: argparse.Namespace, windows: torch.Tensor,
     out["forward_backward"] = p.seconds
     for w in weights:
         w.requires_grad_(False)
+    return out
+
+
+def whole_model_stages(a: argparse.Namespace, ranks: dict[str, int | None], stats: dict[str, Any],
+                       windows: torch.Tensor, gwin: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Correction and evaluation as their scripts run them today (the whole compressed model resident): peak RSS
+    of each, the build of the resident compressed model included; ``model_gb``: its weights."""
+    from lowrank.correction import correct_model
+    from lowrank.evaluation import perplexity
+    from lowrank.spaces import bind
+    from lowrank.truncation import truncate_model
+
+    def compressed() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        model = build(a, None)
+        targets = find_targets(model)
+        teacher = {t.name: linear_weight(model.get_submodule(t.name)).detach().clone() for t in targets}
+        truncate_model(model, targets, ranks, "input_gram", stats, 1e-6, device, a.decomposition)
+        return model, teacher
+
+    out: dict[str, Any] = {}
+    # evaluation first: RSS is a high-water mark of the process, so the lighter stage is measured before the other
+    with Peak(device) as p:
+        model, _ = compressed()
+        perplexity(model, windows, a.batch, device)
+    out["evaluation"] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda}
+    del model
+    with Peak(device) as p:
+        model, teacher = compressed()
+        targets = find_targets(model)
+        correct_model(model, teacher, targets, gwin, a.grad_batch, bind("input_gram", stats, 1e-6, "svd", device),
+                      device, backtrack=1)
+    out["correction"] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda}
+    out["model_gb"] = sum(x.numel() * x.element_size() for x in model.parameters()) / 1e9
+    out["teacher_gb"] = sum(x.numel() * x.element_size() for x in teacher.values()) / 1e9
     return out
 
 
@@ -203,6 +248,8 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         thin_svd_many(Bs, a.decomposition)
 
     del model  # truncated in place; the floors start from the original weights
+    if a.whole_model_stages:
+        res["whole"] = whole_model_stages(a, alloc.ranks, stats, windows, gwin, device)
     fresh = load_lazy_model(tmp.name, DTYPES[a.dtype]) if tmp else build(a, None)
     with Peak(device) as p:
         for_each_block(fresh, find_targets(fresh), device, decompositions)
@@ -238,6 +285,18 @@ def table(results: list[dict[str, Any]], out=sys.stdout) -> None:
               f"{r['floor_total_s']:.2f} | {r['total_s'] / r['floor_total_s']:.2f} | {rss:.2f} | "
               f"{r['held_gb']:.2f} | {rss - r['held_gb']:.2f} | {cuda:.2f} |",
               file=out)
+    if all("whole" in r for r in results):
+        print("\nStages that hold the whole model (peak RSS over building the resident compressed model and the "
+              "stage; streamed: the max over the streamed stages above):\n", file=out)
+        print("| blocks | streamed peak RSS GB | evaluation s | evaluation peak RSS GB | correction s | "
+              "correction peak RSS GB | compressed model GB | teacher GB |", file=out)
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+        for r in results:
+            w = r["whole"]
+            rss = max(v["rss_gb"] for v in r["stages"].values())
+            print(f"| {r['layers']} | {rss:.2f} | {w['evaluation']['s']:.2f} | {w['evaluation']['rss_gb']:.2f} | "
+                  f"{w['correction']['s']:.2f} | {w['correction']['rss_gb']:.2f} | {w['model_gb']:.3f} | "
+                  f"{w['teacher_gb']:.3f} |", file=out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -262,6 +321,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-floor-passes", action="store_true", help="no resident forward/backward floors")
+    ap.add_argument("--whole-model-stages", action="store_true",
+                    help="also correction and evaluation, as their scripts run them (the whole model resident)")
     ap.add_argument("--json", action="store_true", help="print one JSON result instead of a table")
     ap.add_argument("--sweep-layers", default=None, help="comma list of depths, each in a fresh process")
     ap.add_argument("--sweep-windows", default=None, help="comma list of window counts (grad windows = half)")
@@ -282,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for extra in points:
             proc = subprocess.run([sys.executable, __file__, *base, *extra, "--json"], capture_output=True,
-                                  text=True, check=True)
+                                  text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"point {extra} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"done {extra}: total {results[-1]['total_s']:.2f} s", file=sys.stderr)
         table(results)

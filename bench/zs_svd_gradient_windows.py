@@ -44,7 +44,7 @@ from lowrank.factorized import LowRankLinear
 from lowrank.io import load_tensors, save_tensors
 from lowrank.model import find_targets, linear_weight, load_model, replace_module
 from lowrank.scoring import ComponentProbe, component_directions, second_order_delta, window_curvature_delta
-from lowrank.spaces import input_factor
+from lowrank.spaces import bind, input_factor
 from lowrank.streaming import streamed_gradients
 
 log = logging.getLogger("bench")
@@ -322,7 +322,7 @@ def main() -> None:
                     dense[t.name] = replace_module(model, t.name, low)
             w = a.correct_windows
             res = correct_model(model, W0, targets, calib[:w], 2,
-                                lambda name: input_factor("input_gram", name, stats, 1e-6, "cpu"), "cpu",
+                                bind("input_gram", stats, 1e-6), "cpu",
                                 judge=calib[w : 2 * w])
             memo[key] = perplexity(model, held, 4)["ppl"]
             with memo_path.open("a") as f:

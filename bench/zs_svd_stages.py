@@ -24,7 +24,7 @@ from lowrank.data import calibration_windows, token_stream
 from lowrank.gradients import calibration_gradients, causal_lm_loss
 from lowrank.model import find_targets, linear_weight, load_source, resolve_source
 from lowrank.scoring import score_targets
-from lowrank.spaces import input_factor
+from lowrank.spaces import bind, input_factor
 from lowrank.truncation import truncate_model
 from lowrank.whitening import whiten
 
@@ -82,7 +82,7 @@ def main() -> None:
     compressed = copy.deepcopy(model)
     _, t_trunc = timed(lambda: truncate_model(compressed, targets, alloc.ranks, "input_gram", stats, 1e-6, dev))
     _, t_corr = timed(lambda: correct_model(compressed, teacher, targets, gwin[:4], 2,
-                                            lambda n: input_factor("input_gram", n, stats, 1e-6), dev))
+                                            bind("input_gram", stats, 1e-6), dev))
 
     tokens = windows.numel()
     rows = [

@@ -1,9 +1,13 @@
-"""Rank allocation under one parameter budget over all targets.
+"""Rank allocation under one parameter budget over all targets, or (int8 recipes) one byte budget.
 
 The foundation's allocator is ``uniform`` (what SVD-LLM does): every matrix keeps the same fraction ``ρ`` of
 its own parameters, rank ``k = ⌊(ρ · P_dense − b) / (m + n)⌋`` (``b`` the bias, kept dense), clipped to the
 break-even rank ``r*`` so the factors are always smaller than the matrix, and ``ρ = 1`` keeps everything dense.
 The total kept is then at most ``⌊ρ D⌋`` by construction. ``None`` as a rank means "stays dense".
+
+An int8 recipe's ranks are allocated here too, under the byte budget ``⌊ρ · Σ 2 m n⌋`` with the byte cost of
+its mode's layout (:func:`allocate_bytes`, :mod:`lowrank.accounting`); the quantize stage stores exactly those
+ranks, so the ranks the summary reports are the evaluated model's.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ from __future__ import annotations
 import math
 import heapq
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
-from .accounting import (Budget, TargetShape, breakeven_rank, dense_params, factored_params, stored_params,
-                         uniform_rank)
+from .accounting import (LAYOUTS, Budget, Layout, TargetShape, breakeven_rank, byte_budget, check_mode,
+                         dense_params, factored_params, layout_bytes, stored_params, uniform_rank)
 from .statistics import Sensitivity
 
 __all__ = ["Allocation", "Allocator", "ALLOCATORS", "ALLOCATOR_STATS", "GREEDY_ALLOCATORS", "allocate",
            "check_scores", "min_kept_fraction", "check_reachable", "check_recipes_reachable", "GreedyTails",
            "allocate_uniform", "allocate_zero_sum", "allocate_min_abs", "allocate_sensitivity", "greedy_ranks",
-           "sensitivity_ranks"]
+           "sensitivity_ranks", "greedy_byte_ranks", "allocate_bytes", "byte_accounting", "check_allocation"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class GreedyTails:
     broken by push order (deterministic). A matrix at its floor has no candidate. :meth:`pop` picks by ``rule``:
     ``zero_sum`` takes the sign that moves the running sum of ``ΔL`` toward zero (positive when it is ``≤ 0``),
     ``min_abs`` the smallest ``|ΔL|`` of either sign. Shared by parameter (:func:`greedy_ranks`) and byte
-    (:func:`lowrank.quantization.greedy_byte_ranks`) budgets, which differ only in their accounting.
+    (:func:`greedy_byte_ranks`) budgets, which differ only in their accounting.
     """
 
     def __init__(self, shapes: dict[str, TargetShape], scores: dict[str, torch.Tensor],
@@ -262,9 +267,9 @@ def allocate_sensitivity(shapes: dict[str, TargetShape], kept_fraction: float,
 class Allocator:
     """One rank allocator. ``ranks(shapes, kept_fraction, scores[, extra])`` returns ``{target: rank or None}``;
     ``greedy``: it removes components one at a time in the order of their predicted loss change (so it needs
-    first- or second-order scores, floors every matrix at ``min_rank_fraction``, and the quantize stage can
-    re-allocate with it under a byte budget: the extra argument is ``min_rank_fraction``); ``stat``: the
-    calibration statistic it reads besides the scores (the extra argument), if any."""
+    first- or second-order scores, floors every matrix at ``min_rank_fraction``, and it allocates an int8
+    recipe's ranks under the byte budget, :func:`allocate_bytes`: the extra argument is ``min_rank_fraction``);
+    ``stat``: the calibration statistic it reads besides the scores (the extra argument), if any."""
 
     ranks: Callable[..., dict[str, int | None]]
     greedy: bool = False
@@ -346,3 +351,87 @@ def allocate(allocator: str, shapes: dict[str, TargetShape], kept_fraction: floa
         raise ValueError(f"kept fraction {kept_fraction} is below what rank 1 everywhere stores "
                          f"({alloc.kept_params} > {budget.max_kept_params} parameters); use a larger ratio")
     return alloc
+
+
+# ---- the byte budget of int8 recipes -----------------------------------------------------------------------------
+
+
+def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores: dict[str, torch.Tensor],
+                      layout: Callable[[TargetShape, int | None], Layout], rule: str = "zero_sum",
+                      min_rank_fraction: float = 0.0) -> dict[str, int | None]:
+    """Global greedy removal of (whitened) components until the stored bytes fit ``budget_bytes``.
+
+    The same state machine as :func:`lowrank.allocation.greedy_ranks` (per-matrix tails, ``zero_sum`` or
+    ``min_abs`` on ``ΔL``, dead-zone ΔL committed when a removal first saves bytes), with the byte cost of
+    ``layout``: a matrix at rank ``k`` stores ``min(bytes(dense), bytes(k))``. Floors: ``⌈f · min(m, n)⌉``
+    (remap's keep-rank rule), at least 1. Raises ``ValueError`` when even every matrix at its floor does not fit.
+    """
+    if rule not in GREEDY_ALLOCATORS:
+        raise ValueError(f"quantize needs a greedy allocator ({' or '.join(GREEDY_ALLOCATORS)}) to order components, "
+                         f"got {rule!r}")
+    check_scores(shapes, scores)
+    floors = {n: max(1, math.ceil(min_rank_fraction * s.full_rank)) for n, s in shapes.items()}
+    dense = {n: layout_bytes(s, layout(s, None)) for n, s in shapes.items()}
+
+    def stored(name: str, k: int) -> int:
+        s = shapes[name]
+        return dense[name] if k >= s.full_rank else min(dense[name], layout_bytes(s, layout(s, k)))
+
+    floor_total = sum(stored(n, floors[n]) for n in shapes)
+    if floor_total > budget_bytes:
+        raise ValueError(f"byte budget {budget_bytes} is below what must stay ({floor_total} bytes with every "
+                         f"target at its rank floor in this layout); raise the kept fraction or lower "
+                         f"min_rank_fraction")
+    tails = GreedyTails(shapes, scores, floors)
+    planned = tails.planned
+    pending = {n: 0.0 for n in shapes}
+    total = sum(dense.values())
+    running = 0.0
+    while total > budget_bytes:
+        if tails.empty():  # pragma: no cover - excluded by the floor check above
+            raise ValueError(f"byte budget {budget_bytes} cannot be reached")
+        name, d = tails.pop(rule, running)
+        saved = stored(name, planned[name] + 1) - stored(name, planned[name])
+        if saved <= 0:
+            pending[name] += d
+        else:
+            running += d + pending[name]
+            pending[name] = 0.0
+            total -= saved
+    return {n: (k if k < shapes[n].full_rank and stored(n, k) < dense[n] else None) for n, k in planned.items()}
+
+
+def allocate_bytes(mode: str, shapes: dict[str, TargetShape], kept_fraction: float,
+                   scores: dict[str, torch.Tensor], rule: str = "zero_sum",
+                   min_rank_fraction: float = 0.0) -> Allocation:
+    """The rank allocation of an int8 recipe: :func:`greedy_byte_ranks` under ``⌊ρ · Σ 2 m n⌋`` bytes with the
+    byte cost of ``mode``'s layout (:data:`LAYOUTS`), as an :class:`lowrank.allocation.Allocation`.
+
+    Its parameter accounting (``kept_params = Σ stored_params(k)``) describes the ranks the quantize stage stores;
+    its ``budget`` is the parameter budget of the same ``ρ``, which int8 storage may exceed (int8 rows cost half
+    a float16 parameter), so it is not checked against it. Raises ``ValueError`` when the rank floors do not fit.
+    """
+    mode = check_mode(mode)
+    budget_bytes, _ = byte_budget(shapes, kept_fraction)
+    ranks = greedy_byte_ranks(shapes, budget_bytes, scores, LAYOUTS[mode], rule, min_rank_fraction)
+    return Allocation(Budget(kept_fraction, sum(dense_params(s) for s in shapes.values())), ranks, dict(shapes))
+
+
+def byte_accounting(mode: str, alloc: Allocation) -> dict[str, Any]:
+    """The byte side of an int8 allocation (the ``quantize`` entry of its allocation.json): ``mode``, the budget
+    ``⌊ρ · Σ 2 m n⌋``, the dense float16 bytes ``Σ 2 m n``, and the bytes of ``mode``'s position layout at the
+    allocated ranks (``loss_aware`` then picks its int8 rows by predicted loss change within the same budget)."""
+    mode = check_mode(mode)
+    budget, dense = byte_budget(alloc.shapes, alloc.budget.kept_fraction)
+    layout = sum(layout_bytes(s, LAYOUTS[mode](s, alloc.ranks[n])) for n, s in alloc.shapes.items())
+    return {"mode": mode, "budget_bytes": budget, "dense_fp16_bytes": dense, "layout_bytes": layout}
+
+
+def check_allocation(body: Mapping[str, Any], mode: str, kept_fraction: float) -> dict[str, int | None]:
+    """The ranks of an allocation.json body when it is ``mode``'s byte allocation at ``kept_fraction``
+    (:func:`byte_accounting` wrote its ``quantize`` entry), else a ``ValueError`` saying to rerun allocate."""
+    made = (body.get("quantize") or {}).get("mode", "none")
+    if made != mode or body["kept_fraction_target"] != kept_fraction:
+        raise ValueError(f"the allocation is the {made!r} one at kept fraction {body['kept_fraction_target']}, not "
+                         f"the {mode!r} byte allocation at {kept_fraction}; rerun allocate")
+    return Allocation.from_json(dict(body)).ranks

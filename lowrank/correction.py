@@ -15,7 +15,6 @@ length ``|⟨g, δ⟩| / ‖g‖``; it is never scaled by a learning rate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from .factorized import LowRankLinear
 from .gradients import calibration_gradients, calibration_loss
 from .model import Target, replace_module
 from .runtime import progress
+from .spaces import BoundSpace
 from .truncation import truncate
 
 __all__ = ["CorrectionConfig", "projected_step", "correct_model", "CorrectionResult"]
@@ -79,16 +79,14 @@ class CorrectionResult:
 
 
 def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: list[Target],
-                  windows: torch.Tensor, batch_size: int,
-                  input_factor: Callable[[str], torch.Tensor | None],
+                  windows: torch.Tensor, batch_size: int, space: BoundSpace,
                   device: torch.device | str = "cpu", backtrack: int = 3,
-                  output_factor: Callable[[str], torch.Tensor | None] | None = None,
                   judge: torch.Tensor | None = None) -> CorrectionResult:
     """One projected correction of every factored target of ``model`` (in place), re-truncated to its rank.
 
-    ``teacher[name]`` is the dense teacher weight ``W_T`` (m×n); ``input_factor(name)`` returns the whitening
-    factor ``S`` used for re-truncation (``None`` for plain SVD); ``output_factor(name)`` the output factor ``T`` of
-    a two-sided space (IO-SVD; ``None``/omitted: one-sided).
+    ``teacher[name]`` is the dense teacher weight ``W_T`` (m×n); ``space`` (:func:`lowrank.spaces.bind`) gives
+    the whitening factors ``S`` and ``T`` (``None`` = I) the re-truncation of ``Tᵀ W S`` uses, and its
+    decomposition method.
 
     Safeguard (ours; the reference always takes the full step): the projected step has the first-order effect of
     restoring the whole residual, and at heavy compression that step is long enough for the second-order terms to
@@ -125,11 +123,10 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
         with torch.no_grad():
             for t in progress(factored, desc=f"re-truncate (step x{scale:g})"):
                 W_k, step, bias, dtype = steps[t.name]
-                S = input_factor(t.name)
-                T = output_factor(t.name) if output_factor is not None else None
+                S, T = space.factors(t.name)
                 W_new = (W_k.to(torch.float64) + scale * step).to(device)
                 f = truncate(W_new, ranks[t.name], None if S is None else S.to(device),
-                             None if T is None else T.to(device))
+                             None if T is None else T.to(device), method=space.decomposition)
                 replace_module(model, t.name, LowRankLinear.from_factors(f.A, f.B, bias, dtype=dtype).to(W_k.device))
 
     judged = windows if judge is None else judge

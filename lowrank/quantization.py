@@ -4,18 +4,15 @@ Quantizer: for a row ``x`` (one output row of a dense ``W``, one row of the ``up
 rank component of the ``down`` factor ``B ∈ R^{k×n}``), ``s = max|x| / 127`` (float32) and
 ``q = clamp(round(x / s), −127, 127)`` (int8); dequantised ``x̂ = s q`` with ``|x − x̂| ≤ s/2`` per element.
 
-Storage (every target of the model, in one safetensors file), per stored matrix with ``r`` rows of ``c`` values:
-a row mask (uint8, 1 byte per row: which rows are int8), the int8 rows with their float32 scales, and the other
-rows in float16 (the papers count fp16). A matrix with ``q`` int8 rows therefore costs exactly
-
-    bytes(r, c, q) = r + q (c + 4) + (r − q) · 2c,
-
-plus ``2m`` for a bias (float16). These are the bytes of the tensors in the file: the file size is this sum plus
-the safetensors header. The byte budget is ``⌊ρ · Σ_e 2 m_e n_e⌋``: the kept fraction ``ρ`` of the dense targets
-at float16 (biases excluded from the base, counted when stored).
+Storage (every target of the model, in one safetensors file): per stored matrix a row mask, the int8 rows with
+their float32 scales and the other rows in float16; its bytes, the byte budget and each mode's position layout
+are :mod:`lowrank.accounting`'s. These are the bytes of the tensors in the file: the file size is their sum plus
+the safetensors header.
 
 Modes (:data:`QUANTIZERS`), all under that one byte budget and all with a greedy allocator's component order
-(``zero_sum`` or ``min_abs`` on the per-component ``ΔL``):
+(``zero_sum`` or ``min_abs`` on the per-component ``ΔL``). The ranks are allocated once, by the allocate stage
+(:func:`allocate_bytes`, written to the recipe's allocation.json), and the quantize stage stores exactly those
+ranks (:func:`quantize_model`), so the summary's ranks describe the evaluated model:
 
 * ``remap`` (ZS-SVD's, after Dobi-SVD): with ``m ≥ n``, the whole ``down`` factor and the first ``n`` rows of
   ``up`` are int8 (with ``m < n``: all of ``up`` and the first ``⌈k m / n⌉`` rows of ``down``), so rank ``k``
@@ -31,141 +28,27 @@ Modes (:data:`QUANTIZERS`), all under that one byte budget and all with a greedy
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .accounting import TargetShape
-from .allocation import GREEDY_ALLOCATORS, GreedyTails, check_scores
+from .accounting import (LAYOUTS, QUANTIZERS, Layout, TargetShape, bias_bytes, byte_budget, check_mode,
+                         dense_fp16_bytes, dense_layout, hq_layout, layout_bytes, matrix_bytes, matrix_shapes,
+                         remap_layout)
+from .allocation import allocate_bytes, byte_accounting, check_allocation, greedy_byte_ranks
 from .model import linear_bias, linear_weight, replace_module
 from .quantized_linear import FLOAT_STORAGE, QMAX, QuantizedLinear, dequantize_rows, quantize_rows
+from .spaces import BoundSpace
 from .truncation import truncate
 
+# the byte accounting (lowrank.accounting) and the byte allocation (lowrank.allocation) are re-exported here
 __all__ = ["QMAX", "FLOAT_STORAGE", "quantize_rows", "dequantize_rows", "matrix_bytes", "dense_fp16_bytes",
            "byte_budget", "Layout", "remap_layout", "hq_layout", "dense_layout", "layout_bytes", "QUANTIZERS",
-           "greedy_byte_ranks", "row_scores", "select_rows_loss_aware", "QuantizeConfig"]
-
-FLOAT_BYTES = 2
-SCALE_BYTES = 4  # one float32 scale per int8 row
-MASK_BYTES = 1  # one uint8 flag per row
-QUANTIZERS = ("remap", "hq", "loss_aware")
-
-
-def matrix_bytes(rows: int, cols: int, n_int8: int) -> int:
-    """Stored bytes of an r×c matrix with ``n_int8`` int8 rows: mask + int8 rows and scales + float16 rows."""
-    if not 0 <= n_int8 <= rows:
-        raise ValueError(f"int8 rows must be in [0, {rows}], got {n_int8}")
-    return rows * MASK_BYTES + n_int8 * (cols + SCALE_BYTES) + (rows - n_int8) * cols * FLOAT_BYTES
-
-
-def dense_fp16_bytes(shape: TargetShape) -> int:
-    """``2 m n``: the budget base of one target (dense, float16, no bias)."""
-    return FLOAT_BYTES * shape.m * shape.n
-
-
-def byte_budget(shapes: dict[str, TargetShape], kept_fraction: float) -> tuple[int, int]:
-    """``(⌊ρ · D_bytes⌋, D_bytes)`` with ``D_bytes = Σ 2 m n`` over the targets."""
-    if not 0.0 < kept_fraction <= 1.0:
-        raise ValueError(f"kept fraction must be in (0, 1], got {kept_fraction}")
-    total = sum(dense_fp16_bytes(s) for s in shapes.values())
-    return int(kept_fraction * total), total
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one target is stored: ``rank`` (None = dense) and the int8 row count of each stored matrix.
-
-    Dense: ``int8_rows = {"weight": q}``; factored: ``{"down": q_down, "up": q_up}``.
-    """
-
-    rank: int | None
-    int8_rows: dict[str, int]
-
-
-def _bias_bytes(shape: TargetShape) -> int:
-    return FLOAT_BYTES * shape.m if shape.bias else 0
-
-
-def matrix_shapes(shape: TargetShape, rank: int | None) -> dict[str, tuple[int, int]]:
-    """Row/column counts of the stored matrices of a target: ``weight`` (m×n) or ``down`` (k×n) and ``up`` (m×k)."""
-    if rank is None:
-        return {"weight": (shape.m, shape.n)}
-    return {"down": (rank, shape.n), "up": (shape.m, rank)}
-
-
-def layout_bytes(shape: TargetShape, layout: Layout) -> int:
-    return _bias_bytes(shape) + sum(matrix_bytes(r, c, layout.int8_rows[key])
-                                   for key, (r, c) in matrix_shapes(shape, layout.rank).items())
-
-
-def dense_layout(shape: TargetShape, int8: bool = False) -> Layout:
-    return Layout(None, {"weight": shape.m if int8 else 0})
-
-
-def remap_layout(shape: TargetShape, k: int | None) -> Layout:
-    """Dobi-SVD's remap as real rows: the narrow side fully int8, the first ``min(m,n)``-worth of the wide one."""
-    if k is None:
-        return dense_layout(shape)
-    m, n = shape.m, shape.n
-    if m >= n:
-        return Layout(k, {"down": k, "up": min(n, m)})
-    return Layout(k, {"up": m, "down": min(k, math.ceil(k * m / n))})
-
-
-def hq_layout(shape: TargetShape, k: int | None) -> Layout:
-    """Every row int8."""
-    if k is None:
-        return dense_layout(shape, int8=True)
-    return Layout(k, {"down": k, "up": shape.m})
-
-
-def greedy_byte_ranks(shapes: dict[str, TargetShape], budget_bytes: int, scores: dict[str, torch.Tensor],
-                      layout: Callable[[TargetShape, int | None], Layout], rule: str = "zero_sum",
-                      min_rank_fraction: float = 0.0) -> dict[str, int | None]:
-    """Global greedy removal of (whitened) components until the stored bytes fit ``budget_bytes``.
-
-    The same state machine as :func:`lowrank.allocation.greedy_ranks` (per-matrix tails, ``zero_sum`` or
-    ``min_abs`` on ``ΔL``, dead-zone ΔL committed when a removal first saves bytes), with the byte cost of
-    ``layout``: a matrix at rank ``k`` stores ``min(bytes(dense), bytes(k))``. Floors: ``⌈f · min(m, n)⌉``
-    (remap's keep-rank rule), at least 1. Raises ``ValueError`` when even every matrix at its floor does not fit.
-    """
-    if rule not in GREEDY_ALLOCATORS:
-        raise ValueError(f"quantize needs a greedy allocator ({' or '.join(GREEDY_ALLOCATORS)}) to order components, "
-                         f"got {rule!r}")
-    check_scores(shapes, scores)
-    floors = {n: max(1, math.ceil(min_rank_fraction * s.full_rank)) for n, s in shapes.items()}
-    dense = {n: layout_bytes(s, layout(s, None)) for n, s in shapes.items()}
-
-    def stored(name: str, k: int) -> int:
-        s = shapes[name]
-        return dense[name] if k >= s.full_rank else min(dense[name], layout_bytes(s, layout(s, k)))
-
-    floor_total = sum(stored(n, floors[n]) for n in shapes)
-    if floor_total > budget_bytes:
-        raise ValueError(f"byte budget {budget_bytes} is below what must stay ({floor_total} bytes with every "
-                         f"target at its rank floor in this layout); raise the kept fraction or lower "
-                         f"min_rank_fraction")
-    tails = GreedyTails(shapes, scores, floors)
-    planned = tails.planned
-    pending = {n: 0.0 for n in shapes}
-    total = sum(dense.values())
-    running = 0.0
-    while total > budget_bytes:
-        if tails.empty():  # pragma: no cover - excluded by the floor check above
-            raise ValueError(f"byte budget {budget_bytes} cannot be reached")
-        name, d = tails.pop(rule, running)
-        saved = stored(name, planned[name] + 1) - stored(name, planned[name])
-        if saved <= 0:
-            pending[name] += d
-        else:
-            running += d + pending[name]
-            pending[name] = 0.0
-            total -= saved
-    return {n: (k if k < shapes[n].full_rank and stored(n, k) < dense[n] else None) for n, k in planned.items()}
-
+           "LAYOUTS", "check_mode", "greedy_byte_ranks", "allocate_bytes", "byte_accounting", "check_allocation",
+           "row_scores", "select_rows_loss_aware", "layout_masks", "layout_of_masks", "QuantizeConfig",
+           "quantize_model"]
 
 def _quant_error(X: torch.Tensor) -> torch.Tensor:
     q, s = quantize_rows(X)
@@ -201,7 +84,7 @@ def select_rows_loss_aware(row_delta: dict[str, dict[str, torch.Tensor]], shapes
     for name, s in shapes.items():
         k = ranks.get(name)
         masks[name] = {}
-        total += _bias_bytes(s)
+        total += bias_bytes(s)
         for key, (r, c) in matrix_shapes(s, k).items():
             masks[name][key] = torch.zeros(r, dtype=torch.bool)
             total += matrix_bytes(r, c, 0)
@@ -238,16 +121,6 @@ def layout_of_masks(rank: int | None, masks: dict[str, torch.Tensor]) -> Layout:
     return Layout(rank, {k: int(v.sum()) for k, v in masks.items()})
 
 
-LAYOUTS: dict[str, Callable[[TargetShape, int | None], Layout]] = {
-    "remap": remap_layout, "hq": hq_layout, "loss_aware": remap_layout}
-
-
-def check_mode(mode: Any) -> str:
-    if mode not in QUANTIZERS:
-        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {list(QUANTIZERS)}")
-    return mode
-
-
 @dataclass(frozen=True)
 class QuantizeConfig:
     """A recipe's ``quantize`` section: ``mode`` (``none`` or one of :data:`QUANTIZERS`); ``loss_aware`` takes its
@@ -277,28 +150,36 @@ class QuantizeResult:
 
 
 @torch.no_grad()
-def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: float, scores: dict[str, torch.Tensor],
-                   factor_of: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]],
-                   rule: str = "zero_sum", min_rank_fraction: float = 0.0,
+def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: float,
+                   ranks: Mapping[str, int | None], space: BoundSpace,
                    gradients_of: Callable[[Any], Any] | None = None,
-                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None,
-                   decomposition: str = "svd") -> QuantizeResult:
-    """Allocate ranks under the byte budget, truncate, choose int8 rows, swap in ``QuantizedLinear`` (in place).
+                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None
+                   ) -> QuantizeResult:
+    """Truncate to the byte-budget ``ranks``, choose int8 rows, swap in ``QuantizedLinear`` (in place).
 
-    ``factor_of(name)`` gives the whitening factors ``(S, T)`` of the method's space; ``gradients_of(model)``
+    ``ranks``: the int8 recipe's allocation (:func:`allocate_bytes`, made by the allocate stage: the ranks the
+    summary reports are the ones stored here); their position layout must fit ``⌊ρ · Σ 2 m n⌋`` bytes.
+    ``space`` (:func:`lowrank.spaces.bind`): the method's space, its factors ``(S, T)`` and decomposition method
+    for a target missing from ``directions``; ``gradients_of(model)``
     returns calibration gradients (:class:`lowrank.gradients.TargetGradients`) of the model as it is when
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
-    the budget cannot be met (the ``ValueError`` comes before any change). ``directions``: the targets' unwhitened
-    component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`, stored:
-    :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
-    ``decomposition``: how a target missing from ``directions`` is decomposed
-    (:func:`lowrank.decompose.thin_svd`)."""
+    the ranks do not fit the budget (the ``ValueError`` comes before any change). ``directions``: the targets'
+    unwhitened component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`,
+    stored: :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them."""
     mode = check_mode(mode)
     if mode == "loss_aware" and gradients_of is None:
         raise ValueError("quantization mode loss_aware needs calibration gradients")
     shapes = {t.name: t.shape for t in targets}
     budget, dense_total = byte_budget(shapes, kept_fraction)
-    ranks = greedy_byte_ranks(shapes, budget, scores, LAYOUTS[mode], rule, min_rank_fraction)
+    missing = sorted(set(shapes) - set(ranks))
+    if missing:
+        raise ValueError(f"the allocation has no rank for {len(missing)} targets, e.g. {missing[:2]}; rerun allocate")
+    ranks = {n: ranks[n] for n in shapes}
+    layout_total = sum(layout_bytes(s, LAYOUTS[mode](s, ranks[n])) for n, s in shapes.items())
+    if layout_total > budget:
+        raise ValueError(f"the ranks store {layout_total} bytes in the {mode} layout, over the byte budget {budget} "
+                         f"of kept fraction {kept_fraction}; they are not this recipe's byte allocation "
+                         "(lowrank.quantization.allocate_bytes): rerun allocate")
     mats: dict[str, dict[str, torch.Tensor]] = {}
     for t in targets:
         mod = model.get_submodule(t.name)
@@ -310,8 +191,8 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
             f = truncate(W.to(device), k, directions=directions[t.name])
         else:
-            S, T = factor_of(t.name)
-            f = truncate(W.to(device), k, S, T, method=decomposition)
+            S, T = space.factors(t.name)
+            f = truncate(W.to(device), k, S, T, method=space.decomposition)
         mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
     diagnostics: dict[str, Any] = {"ranks": ranks}
     if mode == "loss_aware":

@@ -5,7 +5,7 @@ fields of a recipe, each a ``ValueError`` naming the recipe and the fix:
 
 * a greedy allocator (``zero_sum``, ``min_abs``: :data:`lowrank.allocation.GREEDY_ALLOCATORS`) ranks components
   across matrices by their predicted loss change, so it needs a loss-change scorer, not ``sigma``;
-* a quantize stage re-allocates ranks under the byte budget with a greedy allocator, and excludes rehab (which
+* a quantize stage's ranks are allocated under the byte budget by a greedy allocator, and it excludes rehab (which
   fine-tunes float factors) and correction stages;
 * prehab shapes the spectrum of ``W S`` in a statistics space, so it needs a whitening that reads one;
 * a refine stage excludes quantize and rehab (:func:`lowrank.refine.check_recipe`).
@@ -109,7 +109,7 @@ class Recipe:
         mode = self.quantize.mode
         if mode != "none":
             if self.allocator not in GREEDY_ALLOCATORS:
-                raise ValueError(f"method {name!r}: quantize.mode {mode!r} re-allocates ranks under the byte "
+                raise ValueError(f"method {name!r}: quantize.mode {mode!r} allocates ranks under the byte "
                                  f"budget with a greedy allocator; set allocator to zero_sum or min_abs (not "
                                  f"{self.allocator!r})")
             if self.rehab.steps > 0:

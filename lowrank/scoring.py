@@ -59,7 +59,7 @@ from .decompose import singular_values, thin_svd
 from .gradients import TargetGradients
 from .model import Target, linear_weight
 from .runtime import progress
-from .spaces import input_factor, output_factor
+from .spaces import bind
 from .whitening import output_gradient, unwhiten_left, whiten, whiten_left
 
 __all__ = ["Scorer", "SCORERS", "whitened_gradient", "first_order_delta", "second_order_delta",
@@ -180,10 +180,10 @@ class ComponentProbe:
 
     def begin_block(self, i: int, targets: list[Target]) -> None:
         self._blocks[i] = [t.name for t in targets]
+        space = bind(self.whitening, self.stats, self.damping, self.decomposition, self.device)
         for t in targets:
             W = linear_weight(self.model.get_submodule(t.name)).detach().to(self.device)
-            S = input_factor(self.whitening, t.name, self.stats, self.damping, self.device)
-            T = output_factor(self.whitening, t.name, self.stats, self.device)
+            S, T = space.factors(t.name)
             sigma, P_out, P_in = component_directions(W, S, T, self.decomposition)
             pd = torch.promote_types(W.dtype, torch.float32)  # the projections' precision (see the class doc)
             self._dirs[t.name] = (sigma, P_out.to(pd), P_in.to(pd))
@@ -278,11 +278,11 @@ def score_targets(model: nn.Module, targets: list[Target], scorer: str, whitenin
                                  f"per_window=True); {t.name} has their means only")
             out[t.name] = {"sigma": c.sigma, "score": sc.from_components(c)}
         return out
+    space = bind(whitening, stats, damping, decomposition, device)
     for t in progress(targets, desc=f"score {scorer}/{whitening}"):
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
-        S = input_factor(whitening, t.name, stats, damping, device)
+        S, T = space.factors(t.name)
         G = gradients.G[t.name].to(device) if gradients is not None else None
-        T = output_factor(whitening, t.name, stats, device)
         if T is not None:  # two-sided space: output coordinates W' = Tᵀ W, G' = T^{-1} G
             W, G = whiten_left(W.to(torch.float64), T), None if G is None else output_gradient(G, T)
         sigma, score = sc.fn(W, S, G, method=decomposition)

@@ -30,7 +30,7 @@ from .blocks import BlockInputs, block_output, capture_block_inputs, targets_by_
 from .gradients import causal_lm_loss
 from .model import Target, find_blocks, find_targets, linear_weight, weight_is_transposed
 from .runtime import progress
-from .spaces import input_factor
+from .spaces import bind
 from .statistics import Sensitivity
 from .whitening import unwhiten_right, whiten
 
@@ -86,6 +86,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, batch_size: int
     device = torch.device(device)
     targets = targets or find_targets(model)
     used = windows if max_windows is None else windows[:max_windows]
+    space = bind(whitening, stats, 0.0, device=device)  # ASVD's scalings are diagonal: no damping
     batches = [used[s : s + batch_size].to(device) for s in range(0, used.shape[0], batch_size)]
     model.to(device)
 
@@ -118,7 +119,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, batch_size: int
             for t in by_block.get(b, []):
                 mod = model.get_submodule(t.name)
                 W = linear_weight(mod).detach()
-                S = input_factor(whitening, t.name, stats, 0.0, device)
+                S = space.input(t.name)
                 W64 = W.to(torch.float64)
                 U, sigma, Vh = torch.linalg.svd(W64 if S is None else whiten(W64, S), full_matrices=False)
                 saved = mod.weight.detach().clone()

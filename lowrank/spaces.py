@@ -16,16 +16,22 @@ damped top-K KL output metric (:mod:`lowrank.output_metric`); the decomposition 
 ``‖Tᵀ ΔW S‖²_F = tr(ΔWᵀ C ΔW R) ≈ 2 ΔKL``. Everything one-sided carries over by a change of output coordinates
 ``W' = Tᵀ W`` (gradient ``T^{-1} G``, left factor un-whitened by ``T^{-T}``), which is how scoring and truncation
 use it; one-sided spaces have ``T = I`` and are untouched.
+
+:func:`bind` ties a kind to one run's statistics, damping, decomposition method and device: the
+:class:`BoundSpace` every stage asks for a target's ``S`` and ``T`` (scoring, truncation, correction,
+quantization, sensitivity), so the space travels as one object instead of loose arguments or callables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["Space", "SPACES", "input_factor", "output_factor", "space_stats", "diagonal_scaling", "DIAGONAL_FLOOR"]
+__all__ = ["Space", "SPACES", "input_factor", "output_factor", "space_stats", "diagonal_scaling", "DIAGONAL_FLOOR",
+           "BoundSpace", "bind"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def space_stats(kind: str) -> tuple[str, ...]:
     return tuple(k for k in (sp.stat, sp.output_stat) if k)
 
 
-def input_factor(kind: str, name: str, stats: dict[str, Any], damping: float,
+def input_factor(kind: str, name: str, stats: Mapping[str, Any], damping: float,
                  device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``S`` of target ``name`` in whitening ``kind``, from the loaded statistics ``stats[stat kind]``."""
     if kind not in SPACES:
@@ -117,7 +123,7 @@ def input_factor(kind: str, name: str, stats: dict[str, Any], damping: float,
     return space.factor(name, stats.get(space.stat) if space.stat else None, damping, device)
 
 
-def output_factor(kind: str, name: str, stats: dict[str, Any], device: torch.device | str = "cpu"
+def output_factor(kind: str, name: str, stats: Mapping[str, Any], device: torch.device | str = "cpu"
                   ) -> torch.Tensor | None:
     """``T`` (lower triangular, m×m) of target ``name`` in whitening ``kind``; ``None`` for one-sided spaces."""
     if kind not in SPACES:
@@ -128,3 +134,43 @@ def output_factor(kind: str, name: str, stats: dict[str, Any], device: torch.dev
     if space.output_stat not in stats:
         raise ValueError(f"whitening {kind!r} needs the {space.output_stat!r} statistics")
     return space.output(name, stats[space.output_stat], device)
+
+
+@dataclass(frozen=True)
+class BoundSpace:
+    """A whitening ``kind`` bound to its loaded statistics: the input factor ``S`` (n×n, lower triangular;
+    ``None`` = I) and output factor ``T`` (m×m; ``None`` = I, one-sided) of each target, built on ``device`` with
+    ``damping`` (``S Sᵀ = XᵀX/N + εI`` in the Gram spaces); ``decomposition`` is how ``Tᵀ W S`` is decomposed
+    (:func:`lowrank.decompose.thin_svd`). A missing statistic is a ``ValueError`` when a factor is first asked
+    for (a stage that cuts every target from stored directions needs none)."""
+
+    kind: str
+    stats: Mapping[str, Any]
+    damping: float = 1e-6
+    decomposition: str = "svd"
+    device: torch.device | str = "cpu"
+
+    @property
+    def two_sided(self) -> bool:
+        return SPACES[self.kind].output is not None
+
+    def input(self, name: str) -> torch.Tensor | None:
+        """``S`` of target ``name``."""
+        return input_factor(self.kind, name, self.stats, self.damping, self.device)
+
+    def output(self, name: str) -> torch.Tensor | None:
+        """``T`` of target ``name`` (``None`` in a one-sided space)."""
+        return output_factor(self.kind, name, self.stats, self.device)
+
+    def factors(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(S, T)`` of target ``name``."""
+        return self.input(name), self.output(name)
+
+
+def bind(kind: str, stats: Mapping[str, Any] | None = None, damping: float = 1e-6, decomposition: str = "svd",
+         device: torch.device | str = "cpu") -> BoundSpace:
+    """The space ``kind`` (:data:`SPACES`) bound to ``stats`` (``{stat kind: loaded statistic}``), ``damping``,
+    ``decomposition`` and ``device``; an unknown kind is a ``ValueError`` here."""
+    if kind not in SPACES:
+        raise ValueError(f"unknown whitening {kind!r}; choose one of {sorted(SPACES)}")
+    return BoundSpace(kind, stats or {}, damping, decomposition, device)

@@ -29,7 +29,7 @@ from .decompose import ThinSVD, thin_svd
 from .factorized import LowRankLinear
 from .model import Target, linear_bias, linear_weight, replace_module
 from .runtime import progress
-from .spaces import SPACES, input_factor, output_factor
+from .spaces import bind
 from .whitening import unwhiten_left, unwhiten_right, whiten, whiten_left
 
 __all__ = ["Factors", "whitened_svd", "unwhitened_directions", "factors_from_directions", "truncate",
@@ -125,9 +125,7 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
     (:func:`decompose_targets`); a target missing from it is decomposed here. Returns per-target diagnostics: rank
     and relative (whitened) error ``Σ_{i>k}σ²/Σσ²``.
     """
-    if whitening not in SPACES:
-        raise ValueError(f"unknown whitening {whitening!r}; choose one of {sorted(SPACES)}")
-    stats = stats or {}
+    space = bind(whitening, stats, damping, decomposition, device)
     report: dict[str, dict[str, Any]] = {}
     for t in progress(targets, desc="truncate"):
         k = ranks.get(t.name)
@@ -139,8 +137,7 @@ def truncate_model(model: nn.Module, targets: list[Target], ranks: dict[str, int
         if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
             f = truncate(W.to(device), k, directions=directions[t.name])
         else:
-            f = truncate(W.to(device), k, input_factor(whitening, t.name, stats, damping, device),
-                         output_factor(whitening, t.name, stats, device), method=decomposition)
+            f = truncate(W.to(device), k, *space.factors(t.name), method=space.decomposition)
         bias = linear_bias(mod)
         new = LowRankLinear.from_factors(f.A, f.B, None if bias is None else bias.detach(), dtype=W.dtype)
         replace_module(model, t.name, new.to(W.device))
@@ -156,13 +153,11 @@ def decompose_targets(model: nn.Module, targets: list[Target], whitening: str, s
     """``{target: (P_out, σ, P_inᵀ)}`` (float64, on the CPU): every component of ``Tᵀ W S`` in the space
     ``whitening``, in the weight's own coordinates (:func:`unwhitened_directions`), from which every truncation of
     the target at any rank is a slice and a scaling (:func:`factors_from_directions`)."""
-    if whitening not in SPACES:
-        raise ValueError(f"unknown whitening {whitening!r}; choose one of {sorted(SPACES)}")
-    stats = stats or {}
+    space = bind(whitening, stats, damping, decomposition, device)
     out: dict[str, ThinSVD] = {}
     for t in progress(targets, desc=f"decompose {whitening}"):
         W = linear_weight(model.get_submodule(t.name)).detach().to(device)
-        S = input_factor(whitening, t.name, stats, damping, device)
-        T = output_factor(whitening, t.name, stats, device)
-        out[t.name] = ThinSVD(*(x.cpu() for x in unwhitened_directions(whitened_svd(W, S, T, decomposition), S, T)))
+        S, T = space.factors(t.name)
+        out[t.name] = ThinSVD(*(x.cpu() for x in unwhitened_directions(whitened_svd(W, S, T, space.decomposition),
+                                                                       S, T)))
     return out

@@ -1,15 +1,15 @@
 from dag import (
     code_fingerprint, gpus_for, light_threads, mem_mb_for, method_spec, ratio_value, runtime_min_for, runtime_spec,
-    scores_for, shared_decomposition, source_manifest, stats_for_method,
+    shared_decomposition, source_manifest, stats_for_method,
 )
 
 
 rule quantize:
-    """Hybrid low-rank + int8 model under the byte budget of {ratio}: ranks, factors and int8 rows (final/)."""
+    """Hybrid low-rank + int8 model under the byte budget of {ratio}: the allocated ranks' factors and int8 rows."""
     input:
         unpack(stats_for_method),
         manifest=source_manifest,
-        scores=scores_for,
+        allocation="results/{model}/{method}/{ratio}/allocation.json",
         windows="results/{model}/data/calibration.safetensors",
         svd=shared_decomposition,
     output:

@@ -8,7 +8,7 @@ from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.correction import CorrectionConfig, correct_model
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, linear_weight, load_model
-from lowrank.spaces import input_factor, output_factor
+from lowrank.spaces import bind
 
 
 def run(smk) -> None:
@@ -28,11 +28,10 @@ def run(smk) -> None:
         # the step is judged on the next w windows, never on its own gradient windows (when the file has them)
         judge = all_windows.roll(-start - w, dims=0)[:w] if len(all_windows) >= 2 * w else None
         stats = load_stats(smk)
-        res = correct_model(
-            model, teacher, targets, windows, corr.batch_size,
-            lambda name: input_factor(method["whitening"], name, stats, smk.params.damping, st.device), st.device,
-            backtrack=corr.backtrack,
-            output_factor=lambda name: output_factor(method["whitening"], name, stats, st.device), judge=judge)
+        # the re-truncation decomposes with LAPACK's SVD (the rule has no decomposition.method param)
+        space = bind(method["whitening"], stats, smk.params.damping, "svd", st.device)
+        res = correct_model(model, teacher, targets, windows, corr.batch_size, space, st.device,
+                            backtrack=corr.backtrack, judge=judge)
         st.log.info("stage %d: calibration loss on %d %s windows %.4f -> %.4f (step scale %g; tried %s)", s, w,
                     "other" if judge is not None else "its own gradient", res.loss_before, res.loss_after,
                     res.scale, res.trials)

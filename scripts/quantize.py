@@ -1,16 +1,17 @@
-"""Rule quantize: ranks under the byte budget, factors, int8 rows; writes final/model.safetensors + manifest."""
+"""Rule quantize: the byte-budget ranks of allocation.json, factors, int8 rows; writes final/model.safetensors."""
 
 from pathlib import Path
 
 from _adapter import load_stats, stage
 
+from lowrank.allocation import check_allocation
 from lowrank.checkpoint import save_quantized
 from lowrank.decompose import StoredDecompositions
 from lowrank.gradients import calibration_gradients
-from lowrank.io import load_tensors
+from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, load_model
 from lowrank.quantization import FLOAT_STORAGE, QuantizeConfig, quantize_model
-from lowrank.spaces import input_factor, output_factor
+from lowrank.spaces import bind
 
 
 def run(smk) -> None:
@@ -19,16 +20,13 @@ def run(smk) -> None:
         q, space = QuantizeConfig(**method["quantize"]), method["whitening"]
         model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
         targets = find_targets(model)
-        tensors, _ = load_tensors(smk.input.scores)
-        scores = {k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")}
+        ranks = check_allocation(read_json(smk.input.allocation), q.mode, ratio)
         stats = load_stats(smk)
         windows = load_tensors(smk.input.windows)[0]["tokens"][: q.gradient_windows]
         res = quantize_model(
-            model, targets, q.mode, ratio, scores,
-            lambda n: (input_factor(space, n, stats, damping, st.device), output_factor(space, n, stats, st.device)),
-            method["allocator"], method["min_rank_fraction"],
+            model, targets, q.mode, ratio, ranks, bind(space, stats, damping, smk.params.decomposition, st.device),
             lambda m: calibration_gradients(m, windows, q.gradient_batch_size, st.device, targets), st.device,
-            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None, smk.params.decomposition)
+            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
                     q.mode, res.accounted_bytes, res.budget_bytes, frac,

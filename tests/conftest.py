@@ -1,33 +1,32 @@
 """Shared fixtures of the unit tests: tiny, seeded, randomly initialised causal LMs on CPU.
 
 The models are built from a transformers config (no download, no tokenizer): a LLaMA-shaped one (hidden 64,
-intermediate 128, 2 blocks, 4 heads, 2 KV heads, vocab 256) and a GPT-2 one (``Conv1D`` projections). Each is
-built once per session; tests get a deep copy, so in-place compression never leaks between tests.
+intermediate 128, 2 blocks, 4 heads, 2 KV heads, vocab 256: tests/data/tiny.yaml's, the workflow tests' model) and
+a GPT-2 one (``Conv1D`` projections). Each is built once per session; tests get a deep copy, so in-place
+compression never leaks between tests. :func:`target_inputs` is the reference capture of the targets' inputs that
+the streamed (block-by-block) collectors are tested against.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("LOWRANK_NO_PROGRESS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 # Tiny matrices: one intra-op thread is fastest, and it avoids 10-40x slow-downs of small SVDs / Choleskys when
 # the cores are shared (parallel Snakemake jobs, CI runners).
 torch.set_num_threads(int(os.environ.get("LOWRANK_TEST_THREADS", "1")))
 
-TINY_LLAMA_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 128,
-}
+# the one tiny LLaMA of the tests: the model of the workflow tests' tiny.yaml (tests/workflow/wf.py runs the DAG on
+# it; tests/workflow/test_cli.py saves it as a Hugging Face folder), built here for the unit tests
+TINY_LLAMA_CONFIG: dict = yaml.safe_load((Path(__file__).parent / "data" / "tiny.yaml").read_text())[
+    "models"]["tiny-llama"]["config"]
 TINY_GPT2_CONFIG = {
     "n_embd": 32,
     "n_layer": 2,
@@ -53,6 +52,27 @@ def build_model(model_type: str, config: dict, seed: int = 0) -> torch.nn.Module
 
 def build_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     return build_model("llama", {**TINY_LLAMA_CONFIG, **overrides}, seed)
+
+
+def target_inputs(model: torch.nn.Module, windows: torch.Tensor, names: list[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The reference input capture: each target's input ``X`` ([N, n], float64, ``N`` = tokens) from forward hooks
+    on one ordinary whole-model forward (no grad, no KV cache); ``names``: these targets (default: every one)."""
+    from lowrank.model import find_targets
+
+    xs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in names if names is not None else [t.name for t in find_targets(model)]:
+        def hook(_mod, args, _out, name=name):
+            xs.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ from lowrank.output_metric import collect_output_kl
 from lowrank.spaces import SPACES, diagonal_scaling, input_factor
 from lowrank.truncation import truncate, truncate_model
 
+from conftest import target_inputs
+
 ARCH_FILE = Path(__file__).resolve().parents[1] / "data" / "architectures.yaml"
 SPECS: dict[str, dict] = yaml.safe_load(ARCH_FILE.read_text())  # key -> models.<key> entry (random_init)
 
@@ -106,23 +108,6 @@ def arch(request) -> dict:
     return {"type": mt, "model": model, "windows": w, "stats": stats, "logits": logits}
 
 
-def _direct_inputs(model: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every target's input ``X`` ([N, n], float64) from hooks on one ordinary whole-model forward."""
-    xs: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for t in find_targets(model):
-        def hook(_m, args, _o, name=t.name):
-            xs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
-        handles.append(model.get_submodule(t.name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=w, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in xs.items()}
-
-
 # ---- structural discovery -----------------------------------------------------------------------------------
 
 
@@ -150,7 +135,7 @@ def test_streamed_statistics_equal_an_ordinary_forward(arch) -> None:
     """The catcher records each block's own call (masks, rotary tables, GPT-2's positional mask), so the
     streamed inputs of every target are those of the whole-model forward."""
     model, mt = arch["model"], arch["type"]
-    direct = _direct_inputs(model, arch["windows"])
+    direct = target_inputs(model, arch["windows"])
     grams, scales = arch["stats"]["input_gram"], arch["stats"]["act_scale"]
     assert set(direct) == set(grams.group_of) == set(scales.group_of)
     for name, X in direct.items():
@@ -413,7 +398,7 @@ def test_catcher_handles_tuple_returning_blocks_and_keyword_hidden_states() -> N
     model = _TupleLM().eval()
     w = torch.randint(0, 20, (5, 7), generator=torch.Generator().manual_seed(2))
     w[0, :3] = 0  # the mask matters
-    direct = _direct_inputs(model, w)
+    direct = target_inputs(model, w)
     grams = collect_input_grams(model, w, 2, CPU)
     assert len(grams.C) == 2 * 3  # q and k share an input
     for name, X in direct.items():

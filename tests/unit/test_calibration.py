@@ -10,29 +10,15 @@ import torch
 from lowrank.calibration import STATS, InputGrams, capture_block_inputs, collect_input_grams, stream_blocks
 from lowrank.model import find_blocks, find_targets
 
+from conftest import target_inputs
+
 # streamed and whole-model forwards run the same float32 kernels; the float64 Gram sums may differ in order
 GRAM_RTOL = 1e-12
 
 
 def _direct_grams(model, windows):
     """XᵀX/N per target from forward hooks over one ordinary whole-model forward (float64)."""
-    inputs: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for t in find_targets(model):
-        def hook(_mod, args, _out, name=t.name):
-            inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
-        handles.append(model.get_submodule(t.name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=windows, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, xs in inputs.items():
-        X = torch.cat(xs)
-        out[name] = (X.T @ X / X.shape[0], X.shape[0])
-    return out
+    return {name: (X.T @ X / X.shape[0], X.shape[0]) for name, X in target_inputs(model, windows).items()}
 
 
 def _assert_gram_close(got: torch.Tensor, ref: torch.Tensor) -> None:

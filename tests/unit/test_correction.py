@@ -14,7 +14,7 @@ from lowrank.correction import correct_model, projected_step
 from lowrank.factorized import LowRankLinear
 from lowrank.gradients import calibration_gradients, calibration_loss
 from lowrank.model import find_targets, linear_weight
-from lowrank.spaces import input_factor
+from lowrank.spaces import bind, input_factor
 from lowrank.truncation import truncate, truncate_model
 
 
@@ -89,7 +89,7 @@ def test_correct_model_lowers_loss_and_keeps_ranks(truncated):
     grads = calibration_gradients(dense_copy, windows, 2, "cpu", [t for t in targets if t.name in factored])
 
     res = correct_model(model, truncated["teacher"], targets, windows, 2,
-                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu")
+                        bind("input_gram", stats, 1e-6), "cpu")
     report, before = res.targets, res.loss_before
     after = calibration_loss(model, windows, 2)
     assert res.scale == 1.0 and res.trials[0][0] == 1.0  # the full step already lowered the loss here
@@ -127,7 +127,7 @@ def test_correct_model_lowers_loss_and_keeps_ranks(truncated):
 def test_correct_model_on_dense_model_changes_nothing(tiny_llama, token_windows):
     targets = find_targets(tiny_llama)
     teacher = {t.name: linear_weight(tiny_llama.get_submodule(t.name)).detach().clone() for t in targets}
-    res = correct_model(tiny_llama, teacher, targets, token_windows, 4, lambda name: None, "cpu")
+    res = correct_model(tiny_llama, teacher, targets, token_windows, 4, bind("none"), "cpu")
     report, before = res.targets, res.loss_before
     assert report == {}
     assert before == pytest.approx(calibration_loss(tiny_llama, token_windows, 4), rel=1e-6)
@@ -144,7 +144,7 @@ def test_overshooting_step_is_backtracked_and_never_raises_the_loss(truncated):
     before_weights = {n: model.get_submodule(n).weight.detach().clone() for n, r in truncated["ranks"].items()
                       if r is not None}
     res = correct_model(model, far, targets, windows, 2,
-                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu", backtrack=3)
+                        bind("input_gram", stats, 1e-6), "cpu", backtrack=3)
     assert res.trials[0][1] > res.loss_before  # the full step overshoots
     assert res.loss_after <= res.loss_before
     assert res.loss_after == pytest.approx(calibration_loss(model, windows, 2), rel=1e-9)
@@ -164,7 +164,7 @@ def test_step_is_judged_on_windows_not_used_for_its_gradient(truncated):
     before, before_grad = calibration_loss(model, judge, 2), calibration_loss(model, grad_w, 2)
     assert abs(before - before_grad) > 1e-3  # the two halves differ, so the check below can tell them apart
     res = correct_model(model, truncated["teacher"], targets, grad_w, 2,
-                        lambda name: input_factor("input_gram", name, stats, 1e-6), "cpu", judge=judge)
+                        bind("input_gram", stats, 1e-6), "cpu", judge=judge)
     assert res.loss_before == pytest.approx(before, rel=1e-12)
     assert res.loss_after == pytest.approx(calibration_loss(model, judge, 2), rel=1e-9)
     assert res.loss_after <= res.loss_before

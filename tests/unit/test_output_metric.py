@@ -16,19 +16,12 @@ from lowrank.calibration import STAT_LOADERS, STATS
 from lowrank.model import find_targets, linear_weight
 from lowrank.output_metric import OutputMetrics, collect_output_kl
 
+from conftest import target_inputs
+
 
 def _next_token_logp(model, window: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return F.log_softmax(model(input_ids=window, use_cache=False).logits.double(), dim=-1)
-
-
-def _target_input(model, name: str, window: torch.Tensor) -> torch.Tensor:
-    seen = []
-    h = model.get_submodule(name).register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
-    with torch.no_grad():
-        model(input_ids=window, use_cache=False)
-    h.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1])  # [N, n]
 
 
 # q/k projections do nothing at one position (a softmax over one key); the others all change the output
@@ -41,7 +34,7 @@ def test_metric_is_the_second_order_kl_at_one_position(make_llama, name):
     metric = collect_output_kl(model, window, 1, torch.device("cpu"), top_k=vocab, max_windows=None)
     C = metric.for_target(name)
     assert metric.tokens == 1 and C.shape[0] == C.shape[1]
-    X = _target_input(model, name, window)
+    X = target_inputs(model, window, [name])[name]
     R = X.T @ X  # N = 1
     mod = model.get_submodule(name)
     W0 = mod.weight.detach().clone()

@@ -14,10 +14,11 @@ from lowrank.checkpoint import QUANTIZED_FORMAT, load_compressed, save_quantized
 from lowrank.gradients import calibration_gradients
 from lowrank.io import write_json
 from lowrank.model import find_targets, linear_weight
-from lowrank.quantization import (QUANTIZERS, byte_budget, dequantize_rows, greedy_byte_ranks, hq_layout,
-                                  layout_bytes, matrix_bytes, quantize_model, quantize_rows, remap_layout,
-                                  row_scores, select_rows_loss_aware)
+from lowrank.quantization import (QUANTIZERS, allocate_bytes, byte_accounting, byte_budget, check_allocation,
+                                  dequantize_rows, greedy_byte_ranks, hq_layout, layout_bytes, matrix_bytes,
+                                  quantize_model, quantize_rows, remap_layout, row_scores, select_rows_loss_aware)
 from lowrank.quantized_linear import PackedRows, QuantizedLinear
+from lowrank.spaces import bind
 
 
 def _matrix(r: int = 12, c: int = 20, seed: int = 0) -> torch.Tensor:
@@ -107,6 +108,37 @@ def test_greedy_byte_ranks_meet_the_budget_and_floor_error():
         greedy_byte_ranks(shapes, 10**6, scores, remap_layout, "uniform")
 
 
+def test_byte_allocation_is_the_one_quantize_stores(tiny_llama):
+    """allocate_bytes = greedy_byte_ranks under the mode's layout; its JSON carries the parameter accounting of
+    those ranks (what the summary reports) and the bytes; quantize_model stores exactly those ranks."""
+    targets = find_targets(tiny_llama)
+    shapes = {t.name: t.shape for t in targets}
+    scores = _synthetic_scores(tiny_llama)
+    for mode in QUANTIZERS:
+        alloc = allocate_bytes(mode, shapes, 0.4, scores)
+        layout = remap_layout if mode != "hq" else hq_layout
+        budget, dense = byte_budget(shapes, 0.4)
+        assert alloc.ranks == greedy_byte_ranks(shapes, budget, scores, layout, "zero_sum")
+        body = alloc.to_json() | {"quantize": byte_accounting(mode, alloc)}
+        q = body["quantize"]
+        assert (q["mode"], q["budget_bytes"], q["dense_fp16_bytes"]) == (mode, budget, dense)
+        assert q["layout_bytes"] == sum(layout_bytes(s, layout(s, alloc.ranks[n])) for n, s in shapes.items())
+        assert q["layout_bytes"] <= budget
+        # int8 rows cost about half a float16 parameter: the ranks keep more parameters than the ratio
+        assert body["kept_fraction"] > 0.4 and body["n_factored"] == sum(r is not None for r in alloc.ranks.values())
+        assert check_allocation(body, mode, 0.4) == alloc.ranks
+        with pytest.raises(ValueError, match="rerun allocate"):
+            check_allocation(body, mode, 0.5)
+        with pytest.raises(ValueError, match="rerun allocate"):
+            check_allocation(alloc.to_json(), mode, 0.4)  # a parameter allocation: no quantize entry
+    model = copy.deepcopy(tiny_llama)
+    res = quantize_model(model, targets, "remap", 0.4, allocate_bytes("remap", shapes, 0.4, scores).ranks,
+                         bind("none"))
+    assert {n: lay.rank for n, lay in res.layouts.items()} == allocate_bytes("remap", shapes, 0.4, scores).ranks
+    assert res.accounted_bytes == byte_accounting("remap", allocate_bytes("remap", shapes, 0.4, scores))[
+        "layout_bytes"]
+
+
 def test_loss_aware_selection_is_a_prefix_of_ascending_impact():
     g = torch.Generator().manual_seed(3)
     shapes = {"a": TargetShape(40, 24), "b": TargetShape(24, 40), "c": TargetShape(16, 16)}
@@ -155,6 +187,12 @@ def _synthetic_scores(model):
             for t in find_targets(model)}
 
 
+def _ranks(model, mode, kept_fraction):
+    """The byte allocation the allocate stage writes for an int8 recipe (zero_sum on the synthetic scores)."""
+    shapes = {t.name: t.shape for t in find_targets(model)}
+    return allocate_bytes(mode, shapes, kept_fraction, _synthetic_scores(model)).ranks
+
+
 def _base_manifest(tmp_path, spec):
     from lowrank.model import materialize_source
     body = materialize_source(spec, tmp_path / "hf")
@@ -171,8 +209,7 @@ def test_quantize_save_load_round_trip_bytes_on_disk(tmp_path, tiny_llama_spec, 
     model = load_model(manifest)
     targets = find_targets(model)
     grads_of = (lambda m: calibration_gradients(m, token_windows[:2], 2, "cpu", targets))
-    res = quantize_model(model, targets, mode, 0.4, _synthetic_scores(model), lambda n: (None, None),
-                         "zero_sum", 0.0, grads_of)
+    res = quantize_model(model, targets, mode, 0.4, _ranks(model, mode, 0.4), bind("none"), grads_of)
     assert res.accounted_bytes <= res.budget_bytes == int(0.4 * res.dense_bytes)
     assert any(lay.rank is not None for lay in res.layouts.values())
     if mode == "hq":
@@ -197,10 +234,17 @@ def test_quantize_save_load_round_trip_bytes_on_disk(tmp_path, tiny_llama_spec, 
 def test_bad_mode_and_budget_leave_the_model_untouched(tiny_llama):
     before = copy.deepcopy(tiny_llama.state_dict())
     targets = find_targets(tiny_llama)
+    ranks = _ranks(tiny_llama, "remap", 0.5)
     with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
-        quantize_model(tiny_llama, targets, "int4", 0.5, _synthetic_scores(tiny_llama), lambda n: (None, None))
+        quantize_model(tiny_llama, targets, "int4", 0.5, ranks, bind("none"))
     with pytest.raises(ValueError, match="below what must stay"):
-        quantize_model(tiny_llama, targets, "remap", 0.005, _synthetic_scores(tiny_llama), lambda n: (None, None))
+        _ranks(tiny_llama, "remap", 0.005)
+    # ranks of a larger budget (or of another layout) do not fit this one: refused before any change
+    with pytest.raises(ValueError, match="over the byte budget"):
+        quantize_model(tiny_llama, targets, "remap", 0.3, ranks, bind("none"))
+    with pytest.raises(ValueError, match="no rank for 1 targets"):
+        quantize_model(tiny_llama, targets, "remap", 0.5, {k: v for k, v in list(ranks.items())[1:]},
+                       bind("none"))
     after = tiny_llama.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert isinstance(tiny_llama.get_submodule(targets[0].name), torch.nn.Linear)
@@ -209,7 +253,7 @@ def test_bad_mode_and_budget_leave_the_model_untouched(tiny_llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quantized_model_runs_on_cuda(tiny_llama, token_windows):
     targets = find_targets(tiny_llama)
-    quantize_model(tiny_llama, targets, "remap", 0.5, _synthetic_scores(tiny_llama), lambda n: (None, None))
+    quantize_model(tiny_llama, targets, "remap", 0.5, _ranks(tiny_llama, "remap", 0.5), bind("none"))
     with torch.no_grad():
         cpu = tiny_llama(input_ids=token_windows).logits
         gpu = tiny_llama.to("cuda")(input_ids=token_windows.cuda()).logits.cpu()

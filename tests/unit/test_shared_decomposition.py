@@ -13,9 +13,9 @@ import torch
 from lowrank.calibration import collect_input_grams
 from lowrank.decompose import StoredDecompositions, ThinSVD, save_decompositions
 from lowrank.model import find_targets, linear_weight
-from lowrank.quantization import quantize_model
+from lowrank.quantization import allocate_bytes, quantize_model
 from lowrank.resume import truncate_blocks
-from lowrank.spaces import input_factor
+from lowrank.spaces import bind, input_factor
 from lowrank.truncation import (decompose_targets, factors_from_directions, truncate, truncate_model,
                                 unwhitened_directions, whitened_svd)
 
@@ -141,18 +141,17 @@ def test_quantize_from_the_stored_file_equals_decomposing_in_the_job(tmp_path, t
         from lowrank.gradients import calibration_gradients
         grads_of = (lambda m: calibration_gradients(m, token_windows[:2], 2, "cpu", targets))
 
-    def factor_of(n):
-        return input_factor("input_gram", n, stats, 1e-6, "cpu"), None
+    space = bind("input_gram", stats, 1e-6)
 
     a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
-    ra = quantize_model(a, targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0, grads_of)
-    rb = quantize_model(b, targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0, grads_of,
-                        directions=StoredDecompositions(path))
+    ranks = allocate_bytes(mode, {t.name: t.shape for t in targets}, 0.5, scores).ranks
+    ra = quantize_model(a, targets, mode, 0.5, ranks, space, grads_of)
+    rb = quantize_model(b, targets, mode, 0.5, ranks, space, grads_of, directions=StoredDecompositions(path))
     assert ra.layouts == rb.layouts and ra.accounted_bytes == rb.accounted_bytes
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     # the dense weights were not what the file decomposed: a file of another model is refused by shape
     bad = {t.name: unwhitened_directions(whitened_svd(torch.randn(3, 5, dtype=torch.float64))) for t in targets}
     with pytest.raises(ValueError, match="another model"):
-        quantize_model(copy.deepcopy(tiny_llama), targets, mode, 0.5, scores, factor_of, "zero_sum", 0.0,
-                       grads_of, directions=bad)
+        quantize_model(copy.deepcopy(tiny_llama), targets, mode, 0.5, ranks, space, grads_of,
+                       directions=bad)

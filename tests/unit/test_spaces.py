@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowrank.calibration import InputGrams
-from lowrank.spaces import SPACES, input_factor
+from lowrank.spaces import SPACES, bind, input_factor
 
 N = 12
 
@@ -61,3 +61,20 @@ def test_unknown_kind_and_missing_stats_rejected():
         input_factor("input_gram", "q", {}, 1e-6)
     with pytest.raises(KeyError, match="no input statistics"):
         input_factor("input_gram", "nope", {"input_gram": _grams()}, 1e-6)
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-2])
+def test_bound_space_gives_the_registry_factors(damping):
+    """bind(kind, stats, damping, decomposition, device): S and T of each target, the same tensors as the
+    registry's lookups; unknown kinds fail at bind, missing statistics at the first factor asked for."""
+    grams = _grams()
+    space = bind("input_gram", {"input_gram": grams}, damping, "eigh", "cpu")
+    assert (space.kind, space.decomposition, space.two_sided) == ("input_gram", "eigh", False)
+    for name in ("q", "k", "o"):
+        S, T = space.factors(name)
+        assert T is None and torch.equal(S, input_factor("input_gram", name, {"input_gram": grams}, damping))
+    assert bind("none").factors("q") == (None, None) and bind("io_kl", {}).two_sided
+    with pytest.raises(ValueError, match="unknown whitening 'pca'"):
+        bind("pca", {"input_gram": grams})
+    with pytest.raises(ValueError, match="needs the 'input_gram' statistics"):
+        bind("input_gram", {}).input("q")

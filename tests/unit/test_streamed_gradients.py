@@ -15,6 +15,8 @@ from lowrank.gradients import calibration_gradients
 from lowrank.model import find_targets, linear_weight
 from lowrank.streaming import BoundaryStore, boundary_bytes, streamed_gradients
 
+from conftest import target_inputs
+
 REL = 1e-6
 
 
@@ -87,14 +89,7 @@ def test_collect_fisher_streams_columns(tiny_llama, gwin):
 def test_streamed_input_grams_equal_whole_model_forward(tiny_llama, gwin):
     """Block-by-block Grams (batch 2) against hooks on one whole-model forward of every window at once."""
     grams = collect_input_grams(tiny_llama, gwin, 2, torch.device("cpu"))
-    X: dict[str, torch.Tensor] = {}
-    hooks = [tiny_llama.get_submodule(t.name).register_forward_hook(
-        lambda m, a, o, n=t.name: X.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double()))
-        for t in find_targets(tiny_llama)]
-    with torch.no_grad():
-        tiny_llama(input_ids=gwin, use_cache=False)
-    for h in hooks:
-        h.remove()
+    X = target_inputs(tiny_llama, gwin)
     assert len(grams.C) == 2 * 4  # qkv, o, gate/up, down per block
     for name, x in X.items():
         _close(grams.for_target(name), x.T @ x / x.shape[0])

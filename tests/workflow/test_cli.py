@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import REPO, offline_env, planned_jobs, word_lines, write_byte_tokenizer
+from wf import REPO, offline_env, planned_jobs, tiny_config, word_lines, write_byte_tokenizer
 
 from lowrank.io import read_json
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+TINY = tiny_config()["models"]["tiny-llama"]["config"]  # the tests' one tiny LLaMA (tests/data/tiny.yaml)
 
 
 def lowrank(*args: str, check: bool = True) -> subprocess.CompletedProcess:

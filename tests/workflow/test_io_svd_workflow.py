@@ -42,6 +42,15 @@ def test_every_recipe_is_evaluated_and_bytes_on_disk_are_accounted(io_run: Path)
         header = 8 + struct.unpack("<Q", raw[:8])[0]
         assert len(raw) - header == manifest["accounted_bytes"] <= manifest["budget_bytes"]
         assert not (res / method / "0.50" / "stage0").exists()  # the quantize stage truncates itself
+        # the allocation the summary reports is the byte-budget one the quantize stage stored (issue 18, item 6)
+        alloc = json.loads((res / method / "0.50" / "allocation.json").read_text())
+        assert {n: t["rank"] for n, t in alloc["targets"].items()} == manifest["diagnostics"]["ranks"]
+        assert alloc["quantize"]["mode"] == manifest["mode"]
+        assert alloc["quantize"]["budget_bytes"] == manifest["budget_bytes"]
+        assert alloc["quantize"]["dense_fp16_bytes"] == manifest["dense_fp16_bytes"]
+        assert alloc["kept_fraction"] > 0.5  # int8 rows: more parameters than the ratio, fewer bytes
+    ranks = (io_run / "results" / "summary" / "ranks.csv").read_text()
+    assert "zs-svd-remap" in ranks and "io-svd-plus" in ranks
     table = (io_run / "results" / "summary" / "table.md").read_text()
     assert "Kept bytes" in table and "io-svd-plus" in table
 

@@ -21,6 +21,7 @@ from lowrank.model import find_targets, linear_weight, load_model
 
 METHODS = sorted(["svd", "svd-llm", "zs-svd", *SHARED_METHODS])
 N = len(METHODS)  # compressed models: every recipe at the shared run's one kept fraction, 0.5
+INT8 = {m for m, spec in SHARED_METHODS.items() if spec.get("quantize", {}).get("mode", "none") != "none"}
 
 
 @pytest.fixture
@@ -41,6 +42,9 @@ def test_every_artifact_exists_and_the_table_is_complete(tiny_run: Path) -> None
     assert sorted(ppl.method.unique()) == sorted(["dense", *METHODS])
     kept = table[(table.metric == "kept_fraction") & (table.method != "dense")]
     for row in kept.itertuples():
+        if row.method in INT8:  # a byte budget: int8 rows keep more parameters (test_io_svd_workflow)
+            assert row.value > row.ratio
+            continue
         assert row.value <= row.ratio + 1e-12  # the budget is never exceeded
         assert row.value > row.ratio - 0.05
     # nothing is left half-written
