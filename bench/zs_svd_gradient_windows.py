@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -144,6 +145,102 @@ def bench_scores(scorer: str, sigma: torch.Tensor, g_rows: torch.Tensor, F_rows:
     return out / cost if per_param else out
 
 
+def lagrangian_ranks(shapes: dict, kept_fraction: float, scores: dict[str, torch.Tensor],
+                     min_rank_fraction: float = 0.0) -> dict[str, int | None]:
+    """Ranks minimising the summed predicted loss ``Σ_j C_j(k_j)`` under the parameter budget ``Σ_j P_j(k_j) ≤
+    ⌊ρ D⌋`` (bench allocator ``+lagrangian``), with ``C_j(k) = Σ_{i≥k} ΔL_{j,i}`` (the scores of the components a
+    rank-``k`` truncation removes; for ``tail_curvature`` the trimmed window Fisher of that whole tail) and
+    ``P_j(k)`` its stored parameters: ``k (m + n)`` for ``⌈f r*⌉ ≤ k ≤ r*``, dense otherwise (``C_j = 0``). For a
+    multiplier ``λ`` each matrix takes ``argmin_k C_j(k) + λ P_j(k)`` on its own; ``λ`` is bisected to the
+    smallest value whose total fits, and what the jump leaves of the budget is filled one component at a time by
+    the largest ``ΔL / (m + n)``. Unlike the greedy tails, a matrix's dead zone (no saving until ``r*``) and a
+    non-monotone ``ΔL`` along its spectrum are weighed as a whole."""
+    from lowrank.accounting import breakeven_rank, dense_params
+
+    names = list(shapes)
+    total = sum(dense_params(s) for s in shapes.values())
+    budget = int(kept_fraction * total)
+    width = 1 + max(s.full_rank for s in shapes.values())
+    C = torch.full((len(names), width), float("inf"), dtype=torch.float64)
+    P = torch.zeros((len(names), width), dtype=torch.float64)
+    full = torch.zeros(len(names), dtype=torch.long)
+    for j, n in enumerate(names):
+        s, r_star = shapes[n], breakeven_rank(shapes[n])
+        tail = torch.cat([scores[n].double().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        lo = max(1, math.ceil(min_rank_fraction * r_star))
+        ks = torch.arange(lo, r_star + 1)
+        C[j, ks] = tail[ks]
+        P[j, ks] = (ks * (s.m + s.n) + (s.m if s.bias else 0)).double()
+        C[j, s.full_rank], P[j, s.full_rank], full[j] = 0.0, float(dense_params(s)), s.full_rank
+
+    def choose(lam: float) -> torch.Tensor:
+        return (C + lam * P).argmin(1)
+
+    def kept(k: torch.Tensor) -> float:
+        return float(P.gather(1, k[:, None]).sum())
+
+    lo_l, hi_l = 0.0, 1.0
+    while kept(choose(hi_l)) > budget:
+        hi_l *= 2
+    for _ in range(100):
+        mid = 0.5 * (lo_l + hi_l)
+        lo_l, hi_l = (mid, hi_l) if kept(choose(mid)) > budget else (lo_l, mid)
+    k = choose(hi_l).tolist()
+    left = budget - kept(torch.tensor(k))
+    while True:  # fill the rest one component at a time (factored matrices below r*)
+        best, gain = None, 0.0
+        for j, n in enumerate(names):
+            s = shapes[n]
+            if k[j] < breakeven_rank(s) and s.m + s.n <= left:
+                g = float(scores[n][k[j]]) / (s.m + s.n)
+                if g > gain:
+                    best, gain = j, g
+        if best is None:
+            break
+        left -= shapes[names[best]].m + shapes[names[best]].n
+        k[best] += 1
+    return {n: (None if k[j] == int(full[j]) else int(k[j])) for j, n in enumerate(names)}
+
+
+def hull_marginals(delta: torch.Tensor) -> torch.Tensor:
+    """Marginals of the lower convex hull of a matrix's tail cost ``C(j)`` against the number ``j`` of components
+    removed (``C(j) = Σ_{i ≥ r−j} ΔL_i``): slopes that never decrease as the cut deepens, so a greedy taking the
+    smallest marginal first never stops in front of a component whose own ΔL is large but whose deeper tail is
+    cheap; each hull segment's slope is given to every component in it (the sum over any hull vertex is kept)."""
+    d = delta.double().flip(0)  # d[j]: the (j+1)-th component removed
+    C = torch.cat([d.new_zeros(1), d.cumsum(0)]).tolist()
+    hull = [0]
+    for j in range(1, len(C)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (C[b] - C[a]) * (j - a) >= (C[j] - C[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    out = d.new_empty(len(d))
+    for a, b in zip(hull[:-1], hull[1:]):
+        out[a:b] = (C[b] - C[a]) / (b - a)
+    return out.flip(0).to(delta.dtype)
+
+
+def alloc_ranks(scorer: str, shapes: dict, ratio: float, scores: dict[str, torch.Tensor] | None, floor: float
+                ) -> dict[str, int | None]:
+    """The ranks of one setting: ``uniform`` (SVD-LLM), else ``scorer+rule``: ``lagrangian``
+    (:func:`lagrangian_ranks`), ``clamp`` (zero-sum on the scores clamped at 0), ``hull`` (zero-sum on
+    :func:`hull_marginals`), ``min_abs``, or (no rule) the library's zero-sum greedy."""
+    if scores is None:
+        return allocate("uniform", shapes, ratio).ranks
+    rule = scorer.partition("+")[2] or "zero_sum"
+    if rule == "lagrangian":
+        return lagrangian_ranks(shapes, ratio, scores, floor)
+    if rule == "clamp":  # negative marginals count as free: zero_sum then removes the smallest ΔL first
+        return allocate("zero_sum", shapes, ratio, {n: v.clamp_min(0) for n, v in scores.items()}, floor).ranks
+    if rule == "hull":
+        return allocate("zero_sum", shapes, ratio, {n: hull_marginals(v) for n, v in scores.items()}, floor).ranks
+    return allocate(rule, shapes, ratio, scores, floor).ranks
+
+
 def subset_scores(scorer: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], idx: list[int],
                   shapes: dict, window_tokens: int) -> dict[str, torch.Tensor]:
     """:func:`bench_scores` of every target for the pool windows ``idx``."""
@@ -165,8 +262,8 @@ def rank_profile(specs: list[str], rows, shapes: dict, pool: int, window_tokens:
     cols: dict[str, dict[str, float]] = {}
     for spec in specs:
         scorer, K, choice, ratio, floor = spec.split(":")
-        scores = subset_scores(scorer, rows, pick(choice, int(K), pool), shapes, window_tokens)
-        ranks = allocate("zero_sum", shapes, float(ratio), scores, float(floor)).ranks
+        scores = subset_scores(scorer.partition("+")[0], rows, pick(choice, int(K), pool), shapes, window_tokens)
+        ranks = alloc_ranks(scorer, shapes, float(ratio), scores, float(floor))
         n_layers = 1 + max(int(n.split(".")[2]) for n in ranks)
         groups: dict[str, list[int]] = {}
         for n, k in ranks.items():
@@ -278,7 +375,8 @@ def main() -> None:
         for K in ks:
             idx = pick(label, K, a.pool)
             for scorer in a.scorers.split(","):
-                scores = None if scorer == "uniform" else subset_scores(scorer, rows, idx, shapes, pool.shape[1] - 1)
+                scores = None if scorer == "uniform" else subset_scores(scorer.partition("+")[0], rows, idx, shapes,
+                                                                         pool.shape[1] - 1)
                 for ratio, floor in settings:
                     t0 = time.perf_counter()
                     rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor}
@@ -290,8 +388,7 @@ def main() -> None:
                         key = f"{base} {tag} {splits[split].shape[0]}x{splits[split].shape[1]}"
                         if key not in memo and not a.table_only:
                             if ranks is None:
-                                ranks = allocate("uniform" if scores is None else "zero_sum", shapes, ratio, scores,
-                                                 floor).ranks
+                                ranks = alloc_ranks(scorer, shapes, ratio, scores, floor)
                                 set_ranks(ranks)
                             memo[key] = perplexity(model, splits[split], 4)["ppl"]
                             with memo_path.open("a") as f:
@@ -310,8 +407,8 @@ def main() -> None:
         key = f"{json.dumps([scorer, idx, ratio, floor])} corrected{a.correct_windows} {tag}"
         if key not in memo and not a.table_only:
             t0 = time.perf_counter()
-            scores = subset_scores(scorer, rows, idx, shapes, pool.shape[1] - 1)
-            ranks = allocate("zero_sum", shapes, ratio, scores, floor).ranks
+            scores = subset_scores(scorer.partition("+")[0], rows, idx, shapes, pool.shape[1] - 1)
+            ranks = alloc_ranks(scorer, shapes, ratio, scores, floor)
             set_ranks({n: None for n in ranks})  # dense teacher weights back in the Linear modules
             dense = {}
             for t in targets:  # the truncated model as the pipeline stores it: factors with W_k = A B
