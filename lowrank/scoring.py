@@ -43,9 +43,9 @@ Every target is decomposed in its method's space (:mod:`lowrank.spaces`): ``W S 
   window's ``ḡ_w`` (:class:`ComponentProbe` with ``per_window``, which :func:`lowrank.streaming.fused_scores`
   sets for it). Chosen on validation windows in ``bench/results/zs_svd_gradient_windows_cpu.md``. The marginals
   are NOT all non-negative: the cross terms make ``C`` non-monotone in ``k`` (about a third of SmolLM2's marginals
-  are negative), which is why the default recipe allocates with ``min_abs`` (smallest ``|ΔL|`` first), not
-  ``zero_sum`` (which takes the negative candidates first whenever its running sum is positive):
-  ``bench/results/zs_svd_allocator_cpu.md``.
+  are negative), so ``zero_sum`` takes the negative candidates first whenever its running sum is positive;
+  ``min_abs`` (smallest ``|ΔL|`` first) was tried against it and was neutral outside validation
+  (``bench/results/zs_svd_allocator_cpu.md``).
 
 In a two-sided space (IO-SVD, ``B = Tᵀ W S``) every scorer runs on ``W' = Tᵀ W`` with gradient
 ``G' = ∂L/∂W' = T^{-1} G``, so ``first_order`` gives ``g_i = u_iᵀ T^{-1} G S^{-T} v_i`` and ``ΔL_i = −σ_i g_i``.
