@@ -13,8 +13,9 @@ batches, steps and lr, no surrogate term), then for each model:
 * with ``--zs-svd``: the default ZS-SVD recipe (tail_curvature scores on ``--gradient-windows`` calibration
   windows of the model itself, zero-sum allocation, input_gram truncation) at every kept fraction.
 
-One JSON line per model and fraction goes to ``--out`` (appended), so arms can run in separate processes. The
-committed table and commands: bench/results/prehab_study_cpu.md.
+One JSON line per model and fraction goes to ``--out`` (appended), so arms can run in separate processes;
+``prehab_study.py --table FILE...`` prints them as one markdown table. The committed table and commands:
+bench/results/prehab_study_cpu.md.
 """
 
 from __future__ import annotations
@@ -71,7 +72,40 @@ def planned_tails(model: torch.nn.Module, factors: dict, plans: dict[float, dict
     return out
 
 
+def render(paths: list[str]) -> str:
+    """Markdown table of JSONL files written by this script: one row per arm, model, recipe and kept fraction;
+    ``vs control`` = ``1 − ppl / ppl_control`` of the same arm, recipe and fraction (positive: prehab better)."""
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    key = lambda r: (r["arm"], r["recipe"], r["ratio"])  # noqa: E731
+    ctl: dict[tuple, dict] = {}
+    for r in rows:  # an arm sharing another's control (same steps, lr, tokens) has none of its own
+        if r["model"] == "control":
+            ctl[key(r)] = r
+            s = r["settings"]
+            ctl[("shared", s["steps"], s["lr"], s["seq_len"], r["recipe"], r["ratio"])] = r
+    out = ["| arm | model | recipe | kept | planned tail 0.6 / 0.4 | dense val | val ppl | val vs control | "
+           "dense held-out | held-out ppl | held-out vs control |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def gain(r: dict, c: dict | None, k: str) -> str:
+        return "" if c is None or r["model"] != "prehab" or k not in r or k not in c else \
+            f"{100 * (1 - r[k] / c[k]):+.1f} %"
+
+    fmt = lambda r, k: f"{r[k]:.2f}" if k in r else ""  # noqa: E731
+    for r in rows:
+        s = r.get("settings", {})
+        c = ctl.get(key(r)) or ctl.get(("shared", s.get("steps"), s.get("lr"), s.get("seq_len"), r["recipe"],
+                                        r["ratio"]))
+        t = r["tail"]
+        out.append(f"| {r['arm']} | {r['model']} | {r['recipe']} | {r['ratio']:.1f} | {t['0.60']:.5f} / "
+                   f"{t['0.40']:.5f} | {r['dense_val']:.2f} | {r['val']:.2f} | {gain(r, c, 'val')} | "
+                   f"{fmt(r, 'dense_heldout')} | {fmt(r, 'heldout')} | {gain(r, c, 'heldout')} |")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        print(render(sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default="results/smollm2-135m")
     ap.add_argument("--arm", action="append", default=[], help="LABEL=key:value,... (repeatable)")
@@ -84,6 +118,7 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="also the untouched pretrained model")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save-dir", help="keep each trained arm's target weights here and reuse them on a later call")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,12 +195,24 @@ def main() -> None:
         for kind in kinds:
             model = copy.deepcopy(base)
             params = {t.name: model.get_submodule(t.name).weight for t in targets}
-            penalty = None if kind == "control" else RankPenalty(model, targets, factors, pc, plans[args.plan_ratio])
-            t0 = time.perf_counter()
-            res = train(model, params, w, steps=pc.steps, batch_size=pc.batch_size, lr=pc.lr,
-                        optimizer=pc.optimizer, seed=pc.seed, penalty=penalty, desc=kind)
-            dt = time.perf_counter() - t0
-            hist = [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in res.history]
+            saved = os.path.join(args.save_dir, f"{label}.{kind}.pt") if args.save_dir else None
+            if saved and os.path.exists(saved):  # the same arm trained by an earlier call: its weights and history
+                state = torch.load(saved)
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(state["weights"][name])
+                hist, dt = state["history"], state["train_s"]
+            else:
+                penalty = None if kind == "control" else RankPenalty(model, targets, factors, pc,
+                                                                     plans[args.plan_ratio])
+                t0 = time.perf_counter()
+                res = train(model, params, w, steps=pc.steps, batch_size=pc.batch_size, lr=pc.lr,
+                            optimizer=pc.optimizer, seed=pc.seed, penalty=penalty, desc=kind)
+                dt = time.perf_counter() - t0
+                hist = [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()} for h in res.history]
+                if saved:
+                    torch.save({"weights": {n: p.detach() for n, p in params.items()}, "history": hist,
+                                "train_s": dt}, saved)
             print(f"{label} {kind}: {pc.steps} steps in {dt:.0f} s; {hist}", flush=True)
             evaluate(model, {"arm": label, "model": kind, "settings": {**arm, "seq_len": seq_len},
                              "train_s": round(dt, 1), "history": hist})
