@@ -19,7 +19,7 @@
 #   {model}/prehab/manifest.json, hf/, spectra.safetensors   prehab (source of recipes with `prehab: true`)
 #   {model}/prehab-control/...   (the same, lambda = 0)      prehab (source of recipes with `prehab: control`)
 #   {model}/{method}/{ratio}/rehab/                    rehab        (recipes with rehab.steps > 0; evaluation reads it)
-#   summary/prehab.md, prehab.json, plots/prehab_spectra.png   prehab_report
+#   summary/prehab.md, prehab.json, plots/prehab_{spectra,history}.png   prehab_report
 #   {model}/{method}/{ratio}/refine/                   refine       (recipes with refine.mode; evaluation reads it)
 #   {model}/{method}/{ratio}/hf/                       export_hf_folder (self-contained lowrank HF folder + card)
 # logs/<rule>/... and benchmarks/<rule>/... mirror these paths.

@@ -267,7 +267,7 @@ def bytes_pivot(table: pd.DataFrame) -> pd.DataFrame:
 
 # ---- Low-Rank Prehab report -----------------------------------------------------------------------------------
 
-__all__ += ["prehab_rows", "plot_prehab_spectra"]
+__all__ += ["prehab_rows", "plot_prehab_spectra", "plot_prehab_history"]
 
 
 def prehab_rows(dense_before: dict[str, dict[str, Any]], dense_after: dict[str, dict[str, Any]],
@@ -345,6 +345,39 @@ def plot_prehab_spectra(spectra: dict[str, tuple[dict[str, Any], dict[str, Any]]
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].set_ylabel("σ_i(W S)")
         axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+PREHAB_CURVES = (("ce", "calibration CE"), ("surrogate", "surrogate R (mean over targets)"),
+                 ("tail", "planned tail Σ_{i>k}σ_i²/‖W₀S‖² (predicted truncation loss)"))
+
+
+def plot_prehab_history(history: dict[str, list[dict[str, Any]]], control: dict[str, list[dict[str, Any]]],
+                        path: str | os.PathLike) -> None:
+    """Per-step curves of every prehab run (solid) and its λ = 0 control (dashed): the calibration CE of the step's
+    batch, the surrogate ``R`` and the planned tail (the plan's relative whitened truncation loss), one panel each;
+    a quantity a run did not record (no plan: no ``tail``) is left out of its panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PREHAB_CURVES), figsize=(4.2 * len(PREHAB_CURVES), 3.2), squeeze=False)
+    for j, model in enumerate(sorted(set(history) | set(control))):
+        for runs, style, kind in ((history, "-", "prehab"), (control, "--", "λ = 0 control")):
+            recs = runs.get(model) or []
+            for ax, (key, _) in zip(axes[0], PREHAB_CURVES):
+                pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{j}", lw=1.2, marker=".", ms=3, label=f"{model} {kind}")
+    for ax, (_, title) in zip(axes[0], PREHAB_CURVES):
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")

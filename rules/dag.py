@@ -450,7 +450,8 @@ def prehab_targets():
     """The prehab report, only when some recipe uses prehab (no recipe without prehab ever plans it)."""
     if not PREHAB_METHODS:
         return []
-    return ["results/summary/prehab.md", "results/summary/prehab.json", "results/summary/plots/prehab_spectra.png"]
+    return ["results/summary/prehab.md", "results/summary/prehab.json", "results/summary/plots/prehab_spectra.png",
+            "results/summary/plots/prehab_history.png"]
 
 
 PREHAB_SOURCES = ("prehab", "prehab-control")  # the prehab model and its lambda = 0 control

@@ -70,13 +70,15 @@ localrules:
 
 
 rule prehab_report:
-    """Dense and compressed perplexity with / without prehab, whitened ranks before / after, spectra plot."""
+    """Dense and compressed perplexity with / without prehab, whitened ranks before / after, spectra plot, and
+    the per-step CE / surrogate / planned tail of every prehab run and its control (history plot)."""
     input:
         unpack(prehab_report_inputs),
     output:
         markdown="results/summary/prehab.md",
         json="results/summary/prehab.json",
         plot="results/summary/plots/prehab_spectra.png",
+        history_plot="results/summary/plots/prehab_history.png",
     params:
         pairs=prehab_pairs,
         core=code_fingerprint("prehab_report"),

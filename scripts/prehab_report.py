@@ -4,7 +4,7 @@ import pandas as pd
 from _adapter import stage
 
 from lowrank.io import atomic_path, load_tensors, read_json, write_json
-from lowrank.report import plot_prehab_spectra, prehab_rows
+from lowrank.report import plot_prehab_history, plot_prehab_spectra, prehab_rows
 
 
 def run(smk) -> None:
@@ -34,6 +34,8 @@ def run(smk) -> None:
             tmp.write_text(table.astype(object).where(table.notna(), None)
                            .to_markdown(index=False, floatfmt=".3f", missingval="") + "\n")
         plot_prehab_spectra(spectra, smk.output.plot)
+        plot_prehab_history({m: p["history"] for m, p in prehab.items()},
+                            {m: p["history"] for m, p in control.items()}, smk.output.history_plot)
         st.log.info("prehab report:\n%s", table.to_string(index=False))
 
 

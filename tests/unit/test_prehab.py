@@ -262,3 +262,29 @@ def test_rehab_trains_only_the_factors_and_lowers_the_calibration_loss(setup) ->
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == set(factor_parameters(model)) and len(moved) == 2 * len(targets)
     assert res.steps == 5 and len(res.history) == 5
+
+
+def test_history_plot_draws_every_recorded_curve_of_run_and_control(tmp_path, monkeypatch) -> None:
+    """The prehab report's per-step plot: CE, surrogate and planned tail of the run (solid) and its control (dashed);
+    a run without a plan has no ``tail`` and draws nothing in that panel."""
+    import matplotlib.axes
+
+    from lowrank.report import plot_prehab_history
+
+    drawn: list[tuple[str, list]] = []
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((args[2], list(args[1])))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    run = [{"step": t, "ce": 3.5 - 0.1 * t, "surrogate": 0.05 - 0.001 * t, "tail": 0.05 - 0.001 * t} for t in range(3)]
+    ctl = [{"step": t, "ce": 3.5 - 0.1 * t, "surrogate": 0.05, "tail": 0.05} for t in range(3)]
+    bare = [{"step": t, "ce": 3.0, "surrogate": 3.5} for t in range(2)]  # stable rank, no plan: no tail
+    path = tmp_path / "h.png"
+    plot_prehab_history({"m": run, "n": bare}, {"m": ctl}, path)
+    assert path.stat().st_size > 10_000
+    assert [s for s, _ in drawn] == ["-", "-", "-", "--", "--", "--", "-", "-"]
+    assert drawn[2][1] == pytest.approx([0.05, 0.049, 0.048]) and drawn[5][1] == [0.05, 0.05, 0.05]
+    assert drawn[7][1] == [3.5, 3.5]

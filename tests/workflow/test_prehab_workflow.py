@@ -94,6 +94,7 @@ def test_prehab_and_rehab_run_end_to_end(tiny_dag: Path) -> None:
     assert len(report) == 1 and {row["without"] for row in report} == {"svd-llm"}  # one row per kept fraction
     assert all(row["ppl_with_prehab"] > 0 and row["ppl_without_prehab"] > 0 for row in report)
     assert (r / "summary/plots/prehab_spectra.png").stat().st_size > 10_000
+    assert (r / "summary/plots/prehab_history.png").stat().st_size > 10_000
     assert planned_jobs(snakemake(wd, "-n")) == {}
 
 
