@@ -26,6 +26,7 @@ from lowrank.evaluation import perplexity
 from lowrank.io import load_tensors, read_json
 from lowrank.model import find_targets, load_model, load_tokenizer
 from lowrank.refine import RefineConfig, refine_model
+from lowrank.spaces import SPACES, output_factor
 from lowrank.truncation import truncate_model
 
 LSQ = dict(anchor=0.0, target_mix=1.0)  # plain least squares against the dense outputs (the first study's refit)
@@ -63,6 +64,9 @@ def main() -> None:
     ap.add_argument("--no-fit-ppl", action="store_true", help="skip the perplexity on the refine windows")
     ap.add_argument("--no-base", action="store_true", help="skip the unrefined row (printed by another process)")
     ap.add_argument("--time-truncation", action="store_true", help="also time the truncation (same run)")
+    ap.add_argument("--output-metric", default=None, choices=["io_kl"],
+                    help="weight every setting's B refit (refit_b) by this space's output metric T Tᵀ (io_kl: "
+                         "IO-SVD's top-K KL metric, pretrained/stats/output_kl); the A refit is the same under any")
     ap.add_argument("--heldout", action="store_true",
                     help="also print the held-out ppl (results/<model>/data/evaluation.safetensors): a report "
                          "column only, never used to choose")
@@ -91,6 +95,12 @@ def main() -> None:
         t_trunc = _time_truncation(args, cfg, dense)
         print(f"truncation (input_gram, ranks of {args.stage[0]}) {t_trunc:.1f} s\n")
     heldout = load_tensors(os.path.join(args.results, "data", "evaluation.safetensors"))[0]["tokens"]
+    out_factor = None
+    if args.output_metric:
+        kind = SPACES[args.output_metric].output_stat  # the output side only
+        ostats = {kind: load_stat(os.path.join(args.results, "pretrained", "stats", f"{kind}.safetensors"))}
+        out_factor = lambda n: output_factor(args.output_metric, n, ostats)  # noqa: E731
+        print(f"B refits weighted by the {args.output_metric} output metric\n")
 
     def ppl(model: torch.nn.Module) -> str:
         v = f"{perplexity(model, val)['ppl']:.2f}" if val is not None else "-"
@@ -113,7 +123,8 @@ def main() -> None:
         for key, setting in settings.items():
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
-            rep = refine_model(model, dense, windows, RefineConfig(**{"windows": args.windows, **setting}))
+            rep = refine_model(model, dense, windows, RefineConfig(**{"windows": args.windows, **setting}),
+                               output_factor=out_factor)
             dt = time.perf_counter() - t0
             b = rep.blocks
             eb, ea = sum(x["error_before"] for x in b) / len(b), sum(x["error_after"] for x in b) / len(b)

@@ -24,6 +24,16 @@ Optionally ``B`` is then refitted with that ``A`` fixed (``refit_b``):
 With identical inputs (``X_c = X_d``) and ``A B = W`` the first solve returns ``A`` unchanged (up to ``δ``); so
 does it for SVD-LLM's factors when ``C_cc = C_dc`` is the Gram they were whitened with.
 
+Output metrics. The refit of ``A`` (with or without the anchor below) is the same under any left weighting ``T``
+of the output error, ``‖Tᵀ(W X_d − A B X_c)‖²`` (``T`` invertible): ``TᵀA`` ranges over every m×r matrix, so the
+weighted optimum is ``Tᵀ`` times the plain one; two-sided spaces (IO-SVD's top-K KL metric ``T Tᵀ``) therefore
+see their metric only through ``B``. ``refine_model(..., output_factor=f)`` gives the ``B`` refit that metric,
+``f(name) = T`` (m×m, ``None`` = plain), and ``b_anchor`` ``μ`` a ridge toward the current ``B₀``, measured as the
+weighted output change on an isotropic input of the same energy (``λ_B = μ · tr(C_cc)/n``):
+
+    min_B ‖Tᵀ(W X_t − A B X_c)‖² + λ_B ‖TᵀA (B − B₀)‖²
+        ⇒   B = ((AᵀM A)⁻¹ AᵀM W C_tc + λ_B B₀)(C_cc + λ_B I)⁻¹,   M = T Tᵀ.
+
 ``anchor`` (``λ = anchor · tr(B C_cc Bᵀ)/r``) adds a ridge toward the CURRENT ``A₀`` instead of toward 0:
 
     min_A ‖W X_d − A B X_c‖² + λ‖A − A₀‖²   ⇒   A = (W C_dc Bᵀ + λ A₀)(B C_cc Bᵀ + λ I)⁻¹.
@@ -52,7 +62,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -78,7 +88,8 @@ class RefineConfig:
 
     ``windows``: how many calibration windows (the first ones) feed the statistics; ``batch_size``: windows per
     block forward; ``damping``: relative ridge ``δ`` of the closed-form solves; ``refit_b``: refit ``B`` after
-    ``A``; ``anchor``: relative ridge toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
+    ``A``; ``b_anchor``: relative ridge of that ``B`` refit toward the current ``B``; ``anchor``: relative ridge
+    toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
     weight of the dense inputs in the target (1 = ``W X_d``, 0 = ``W X_c``); ``sequential``: each target group
     sees the inputs produced by the block's already-refitted earlier groups (else all groups' inputs are taken
     from the unrefitted block); ``steps``/``lr``: the ``adam`` mode; ``guard``: keep a block's previous factors
@@ -94,6 +105,7 @@ class RefineConfig:
     target_mix: float = 0.5
     sequential: bool = True
     refit_b: bool = False
+    b_anchor: float = 0.0
     steps: int = 20
     lr: float = 1e-4
     guard: bool = True
@@ -106,8 +118,10 @@ class RefineConfig:
                              f"{self.batch_size}")
         if not (self.damping >= 0 and self.damping == self.damping):
             raise ValueError(f"refine.damping must be a number >= 0, got {self.damping}")
-        if not (self.anchor >= 0 and self.anchor == self.anchor):
-            raise ValueError(f"refine.anchor must be a number >= 0, got {self.anchor}")
+        for key in ("anchor", "b_anchor"):
+            v = getattr(self, key)
+            if not (v >= 0 and v == v):
+                raise ValueError(f"refine.{key} must be a number >= 0, got {v}")
         if not (0.0 <= self.target_mix <= 1.0):
             raise ValueError(f"refine.target_mix must be in [0, 1], got {self.target_mix}")
         if self.steps < 0 or not (self.lr > 0):
@@ -164,24 +178,37 @@ def refit_up_projected(W: torch.Tensor, Q: torch.Tensor, P: torch.Tensor, dampin
     Σ Z Zᵀ`` (r×r) of the projected inputs ``Z = B X_c``: ``A = (W Q + λ A₀)(P + (δ + λ) I)⁻¹``. The same
     solution, accumulated in ``N (2 n r + r²)`` instead of ``2 N n²`` multiply-adds over ``N`` tokens: less
     whenever ``r`` is well below ``n`` (SmolLM2's down projections at kept 0.6: about 6× less)."""
-    M, P = W.to(torch.float64) @ Q.to(torch.float64), P.to(torch.float64)
+    M = W.to(torch.float64) @ Q.to(torch.float64)
+    return _anchored_solve(M, P.to(torch.float64), damping, anchor, A0, "refit_up", "A0")
+
+
+def _anchored_solve(M: torch.Tensor, P: torch.Tensor, damping: float, anchor: float, X0: torch.Tensor | None,
+                    who: str, name: str) -> torch.Tensor:
+    """``(M + λ X₀)(P + (δ + λ) I)⁻¹`` with ``λ = anchor · tr(P)/k`` (no ridge when ``anchor`` is 0): the
+    normal equations of a least-squares fit ``M P⁻¹`` with a ridge toward ``X0``; ``δ`` the absolute damping of
+    :func:`_solve_right` on ``P`` alone."""
     if anchor > 0:
-        if A0 is None:
-            raise ValueError("refit_up: anchor > 0 needs the current A (A0)")
+        if X0 is None:
+            raise ValueError(f"{who}: anchor > 0 needs the current factor ({name})")
         lam = anchor * float(torch.diagonal(P).mean())
-        M = M + lam * A0.to(torch.float64)
+        M = M + lam * X0.to(torch.float64)
         P = P + lam * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         damping = damping / (1.0 + anchor)  # the same absolute δ: whitening_factor scales by P's mean diagonal
     return _solve_right(M, P, damping)
 
 
 def refit_down(W: torch.Tensor, A: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
-               damping: float = 1e-4) -> torch.Tensor:
-    """``B = (AᵀA + δ_A I)⁻¹ Aᵀ W C_dc (C_cc + δ_C I)⁻¹`` (r×n, float64): the least-squares ``B`` with ``A``
-    fixed."""
+               damping: float = 1e-4, anchor: float = 0.0, B0: torch.Tensor | None = None,
+               T: torch.Tensor | None = None) -> torch.Tensor:
+    """``B = ((AᵀM A + δ_A I)⁻¹ AᵀM W C_dc + λ B₀)(C_cc + (δ_C + λ) I)⁻¹`` (r×n, float64), ``M = T Tᵀ``: the
+    least-squares ``B`` of ``‖Tᵀ(W X_d − A B X_c)‖²`` with ``A`` fixed (``T = None``: ``M = I``) and, when
+    ``anchor`` > 0, the ridge ``λ‖TᵀA (B − B₀)‖²`` toward ``B0`` (``λ = anchor · tr(C_cc)/n``)."""
     W, A, C_dc, C_cc = (t.to(torch.float64) for t in (W, A, C_dc, C_cc))
-    right = _solve_right(A.T @ W @ C_dc, C_cc, damping)  # Aᵀ W C_dc C_cc⁻¹   (r×n)
-    return _solve_right(right.T, A.T @ A, damping).T  # (AᵀA)⁻¹ · right  (AᵀA symmetric)
+    if T is not None:  # Tᵀ(W − A B) = W_t − A_t B
+        Tt = T.to(torch.float64).T
+        W, A = Tt @ W, Tt @ A
+    left = _solve_right((A.T @ W @ C_dc).T, A.T @ A, damping).T  # (AᵀA)⁻¹ Aᵀ W C_dc  (r×n; AᵀA symmetric)
+    return _anchored_solve(left, C_cc, damping, anchor, B0, "refit_down", "B0")
 
 
 class _Stop(Exception):
@@ -301,7 +328,8 @@ def _projected_is_cheaper(mods: list[LowRankLinear]) -> bool:
 
 def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, groups: list[list[str]],
                        factored: dict[str, LowRankLinear], h_c: list[torch.Tensor], calls: list[Any],
-                       x_d: dict[str, list[torch.Tensor]], cfg: RefineConfig, device: torch.device) -> None:
+                       x_d: dict[str, list[torch.Tensor]], cfg: RefineConfig, device: torch.device,
+                       output_factor: Callable[[str], torch.Tensor | None] | None = None) -> None:
     todo_groups = [g for g in groups if any(n in factored for n in g)]
 
     def statistics(group: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -325,7 +353,10 @@ def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, grou
                 C_tc, C_cc = st[""]
                 A = refit_up(W, mod.down.weight.detach(), C_tc, C_cc, cfg.damping, cfg.anchor, A0)
                 if cfg.refit_b:
-                    mod.down.weight.data.copy_(refit_down(W, A, C_tc, C_cc, cfg.damping).to(mod.down.weight.dtype))
+                    T = None if output_factor is None else output_factor(n)
+                    B = refit_down(W, A, C_tc, C_cc, cfg.damping, cfg.b_anchor, mod.down.weight.detach(),
+                                   None if T is None else T.to(device))
+                    mod.down.weight.data.copy_(B.to(mod.down.weight.dtype))
             else:
                 A = refit_up_projected(W, *st[n], cfg.damping, cfg.anchor, A0)
             mod.up.weight.data.copy_(A.to(mod.up.weight.dtype))
@@ -358,8 +389,12 @@ def _refit_adam(cblk: nn.Module, factored: dict[str, LowRankLinear], h_c: list[t
 
 @torch.no_grad()
 def refine_model(model: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg: RefineConfig,
-                 device: torch.device | str = "cpu", targets: list[Target] | None = None) -> RefineReport:
+                 device: torch.device | str = "cpu", targets: list[Target] | None = None,
+                 output_factor: Callable[[str], torch.Tensor | None] | None = None) -> RefineReport:
     """Refine every ``LowRankLinear`` of ``model`` (in place) block by block against ``dense``.
+
+    ``output_factor``: target name → ``T`` (m×m) of the output metric ``T Tᵀ`` the ``B`` refit (``refit_b``)
+    weights its error with (``None``: plain); the ``A`` refit is the same under any such metric.
 
     ``model`` and ``dense`` share the architecture and the stem (embeddings, rotary tables); ``windows`` is
     ``LongTensor[B, T]`` (the first ``cfg.windows`` are used). Returns the per-block errors.
@@ -405,7 +440,8 @@ def refine_model(model: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg:
             if factored:
                 saved = _factor_state(factored)
                 if cfg.mode == "closed_form":
-                    _refit_closed_form(cblk, dense, model, groups, factored, h_c, calls, x_d, cfg, device)
+                    _refit_closed_form(cblk, dense, model, groups, factored, h_c, calls, x_d, cfg, device,
+                                       output_factor)
                 else:
                     _refit_adam(cblk, factored, h_c, calls, y_d, cfg, device)
                 after_out = run_compressed()

@@ -48,6 +48,58 @@ def test_refit_down_equals_brute_force_least_squares():
     torch.testing.assert_close(B, ref, rtol=1e-8, atol=1e-8)
 
 
+
+def _metric(m, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(m, dtype=torch.float64) + 0.4 * torch.randn(m, m, generator=g, dtype=torch.float64).tril()
+
+
+def test_refit_down_with_output_metric_and_anchor_equals_brute_force():
+    W, A, B0, X_d, X_c = _problem(seed=4)
+    T = _metric(W.shape[0])
+    anchor = 0.5
+    B = refit_down(W, A, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=anchor, B0=B0, T=T)
+    # min_B ‖Tᵀ(W X_d − A B X_c)‖² + λ‖TᵀA (B − B0)‖², λ = anchor · tr(C_cc)/n, by stacked least squares
+    At = T.T @ A
+    lam = anchor * float((X_c * X_c).sum()) / X_c.shape[0]
+    eye = torch.eye(X_c.shape[0], dtype=X_c.dtype)
+    K = torch.cat([torch.kron(X_c.T.contiguous(), At), lam**0.5 * torch.kron(eye, At)])
+    y = torch.cat([(T.T @ W @ X_d).T.reshape(-1), lam**0.5 * (At @ B0).T.reshape(-1)])
+    ref = torch.linalg.lstsq(K, y).solution.reshape(B.shape[1], B.shape[0]).T
+    torch.testing.assert_close(B, ref, rtol=1e-8, atol=1e-8)
+    # the metric matters for B (unlike for A): the plain refit differs
+    plain = refit_down(W, A, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=anchor, B0=B0)
+    assert float((plain - B).abs().max()) > 1e-3 * float(B.abs().max())
+    # T = I is the plain refit; a huge anchor keeps B0
+    same = refit_down(W, A, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=anchor, B0=B0,
+                      T=torch.eye(W.shape[0], dtype=W.dtype))
+    torch.testing.assert_close(same, plain, rtol=1e-9, atol=1e-9)
+    far = refit_down(W, A, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=1e9, B0=B0, T=T)
+    torch.testing.assert_close(far, B0, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="B0"):
+        refit_down(W, A, X_d @ X_c.T, X_c @ X_c.T, anchor=1.0)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 0.5])
+def test_refit_up_is_the_same_under_any_output_metric(anchor):
+    """min_A ‖Tᵀ(W X_d − A B X_c)‖² + λ‖Tᵀ(A − A0)‖² has the plain refit's solution for every invertible T:
+    refine's A refit cannot see IO-SVD's output metric (only a B refit can)."""
+    W, A0, B, X_d, X_c = _problem(seed=5)
+    T = _metric(W.shape[0], seed=8)
+    A = refit_up(W, B, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=anchor, A0=A0)
+    Z = B @ X_c
+    lam = anchor * float((Z * Z).sum()) / B.shape[0]
+    # vec(Tᵀ A Z) = (Zᵀ ⊗ Tᵀ) vec(A), vec(Tᵀ A) = (I ⊗ Tᵀ) vec(A)
+    K = torch.kron(Z.T.contiguous(), T.T.contiguous())
+    y = (T.T @ W @ X_d).T.reshape(-1)
+    if anchor > 0:
+        eye = torch.eye(B.shape[0], dtype=B.dtype)
+        K = torch.cat([K, lam**0.5 * torch.kron(eye, T.T.contiguous())])
+        y = torch.cat([y, lam**0.5 * (T.T @ A0).T.reshape(-1)])
+    weighted = torch.linalg.lstsq(K, y).solution.reshape(A.shape[1], A.shape[0]).T
+    torch.testing.assert_close(A, weighted, rtol=1e-8, atol=1e-8)
+
+
 def test_refit_up_damping_shrinks_toward_zero_and_zero_damping_is_exact_for_consistent_data():
     W, _, B, X_d, _ = _problem(seed=2)
     # consistent: X_c = X_d and W = A0 B  ->  A0 recovered
@@ -170,6 +222,29 @@ def test_full_rank_with_identical_inputs_changes_nothing(tiny_llama):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=1e-3, atol=2e-4)
     assert all(b["error_before"] < 1e-10 and b["error_after"] < 1e-10 for b in report.blocks)
+
+
+
+def test_b_refit_with_an_output_metric(tiny_llama, windows):
+    """``output_factor`` weights the B refit: T = I reproduces the plain refit; a real metric changes B (not A of
+    the first group, refitted before any B moved) and the anchored, weighted refit still lowers every block's
+    error."""
+    dense = tiny_llama
+    base = copy.deepcopy(dense)
+    targets, _ = _truncated(base, windows)
+    cfg = RefineConfig(damping=1e-6, refit_b=True, b_anchor=1.0)
+    plain, eye, metric = (copy.deepcopy(base) for _ in range(3))
+    refine_model(plain, dense, windows, cfg)
+    refine_model(eye, dense, windows, cfg, output_factor=lambda n: torch.eye(
+        linear_weight(dense.get_submodule(n)).shape[0]))
+    for (k, v), w in zip(plain.state_dict().items(), eye.state_dict().values()):
+        torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
+    rep = refine_model(metric, dense, windows, cfg, output_factor=lambda n: _metric(
+        linear_weight(dense.get_submodule(n)).shape[0]).float())
+    assert all(b["refit_kept"] and b["error_after"] < b["error_before"] for b in rep.blocks), rep.blocks
+    q = targets[0].name  # block 0's first group: same inputs and A refit either way, B differs by the metric
+    torch.testing.assert_close(metric.get_submodule(q).up.weight, plain.get_submodule(q).up.weight)
+    assert not torch.allclose(metric.get_submodule(q).down.weight, plain.get_submodule(q).down.weight, atol=1e-4)
 
 
 def test_block_groups_follow_the_data_flow(tiny_llama, llama_projections):
