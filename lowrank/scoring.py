@@ -182,6 +182,16 @@ class ComponentProbe:
     _blocks: dict[int, list[str]] = field(default_factory=dict)  # open blocks: their targets
     window_tokens: int = 0
 
+    @classmethod
+    def for_scorer(cls, scorer: str, model: nn.Module, whitening: str, stats: dict[str, Any], damping: float,
+                   device: torch.device | str, decomposition: str = "svd") -> "ComponentProbe | None":
+        """The probe ``scorer`` reads (every window's rows for a ``window_rows`` scorer); None for a scorer that
+        scores from ``G`` or from σ alone (or an unknown name, which :func:`score_targets` reports)."""
+        sc = SCORERS.get(scorer)
+        if sc is None or sc.from_components is None:
+            return None
+        return cls(model, whitening, stats, damping, device, decomposition, per_window=sc.window_rows)
+
     def begin_block(self, i: int, targets: list[Target]) -> None:
         self._blocks[i] = [t.name for t in targets]
         space = bind(self.whitening, self.stats, self.damping, self.decomposition, self.device)

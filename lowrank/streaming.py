@@ -17,7 +17,7 @@ from torch import nn
 from .blocks import OFFLOAD_MODES, BoundaryStore, boundary_bytes, offload_block_inputs
 from .gradients import FisherMode, TargetGradients, TokenProbe, streamed_gradients
 from .model import Target
-from .scoring import SCORERS, ComponentProbe, score_targets
+from .scoring import ComponentProbe, score_targets
 
 __all__ = ["BoundaryStore", "TokenProbe", "streamed_gradients", "fused_scores", "offload_block_inputs", "FisherMode",
            "OFFLOAD_MODES", "boundary_bytes"]
@@ -38,9 +38,7 @@ def fused_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, devic
     """
     device = torch.device(device)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    sc = SCORERS.get(scorer)
-    probe = (ComponentProbe(model, whitening, stats, damping, device, decomposition, per_window=sc.window_rows)
-             if sc is not None and sc.from_components is not None else None)
+    probe = ComponentProbe.for_scorer(scorer, model, whitening, stats, damping, device, decomposition)
 
     def on_block(i: int, G_i: dict[str, torch.Tensor], F_i: dict[str, torch.Tensor] | None) -> None:
         tl = [t for t in targets if t.block == i]

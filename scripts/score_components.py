@@ -14,7 +14,7 @@ from lowrank.streaming import fused_scores
 def run(smk) -> None:
     with stage(smk) as st:
         scorer, whitening, opts = smk.params.scorer, smk.params.whitening, dict(smk.params.scoring)
-        needs, probed = SCORERS[scorer].needs_gradients, SCORERS[scorer].from_components is not None
+        needs = SCORERS[scorer].needs_gradients
         streamed = bool(opts.get("streamed", True)) and needs
         stats, decomposition = load_stats(smk), getattr(smk.params, "decomposition", "svd")
         # streamed: one block at a time on the device, the model in CPU memory (or lazy, from its shards)
@@ -30,10 +30,10 @@ def run(smk) -> None:
         else:
             if needs:  # the whole model on the device: one forward + one backward per batch
                 windows = load_tensors(smk.input.windows)[0]["tokens"][: opts["gradient_windows"]]
-                probe = (ComponentProbe(model, whitening, stats, smk.params.damping, st.device, decomposition,
-                                        per_window=SCORERS[scorer].window_rows) if probed else None)
+                probe = ComponentProbe.for_scorer(scorer, model, whitening, stats, smk.params.damping, st.device,
+                                                  decomposition)
                 grads = calibration_gradients(model, windows, opts["gradient_batch_size"], st.device, targets,
-                                              streamed=False, need_G=not probed, probe=probe)
+                                              streamed=False, need_G=probe is None, probe=probe)
             if is_lazy(model):  # pragma: no cover - sigma scores of a lazy model: each block while resident
                 scores = {}
                 for part in for_each_block(model, targets, st.device, lambda i, tl: score_targets(
