@@ -123,7 +123,7 @@ def collect_input_grams(model: nn.Module, windows: torch.Tensor, batch_size: int
 
     ``precision``: how each batch's ``XᵀX`` is formed before it is added to the float64 sum (:mod:`lowrank.grams`:
     ``float64``, ``mixed``, or ``auto`` = mixed)."""
-    resolve_precision(precision, torch.device(device))  # a bad value fails before the model runs
+    resolve_precision(precision)  # a bad value fails before the model runs
     G: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
 

@@ -23,8 +23,8 @@ __all__ = ["PRECISIONS", "gram_update", "resolve_precision"]
 PRECISIONS = ("auto", "float64", "mixed")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``float64`` or ``mixed``: ``precision`` itself, or ``mixed`` for ``auto`` (every device, see the module)."""
+def resolve_precision(precision: str) -> str:
+    """``float64`` or ``mixed``: ``precision`` itself, or ``mixed`` for ``auto`` (on every device: see the module)."""
     if precision not in PRECISIONS:
         raise ValueError(f"Gram precision must be one of {PRECISIONS}, got {precision!r}")
     return "mixed" if precision == "auto" else precision
@@ -32,7 +32,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def gram_update(G: torch.Tensor, x: torch.Tensor, precision: str = "auto") -> None:
     """``G += xᵀ x`` in place (``G`` float64 n×n, ``x`` [N_b, n] on the same device)."""
-    mode = resolve_precision(precision, x.device)
+    mode = resolve_precision(precision)
     if mode == "float64" or x.dtype == torch.float64:  # a float64 model's products stay float64
         X = x.to(torch.float64)
         G.addmm_(X.T, X)
