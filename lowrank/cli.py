@@ -176,10 +176,33 @@ def compress(args: argparse.Namespace) -> int:
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"ratio {text} is not a kept fraction in (0, 1]; e.g. 0.6 keeps 60 %")
     return value
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a finite number of ``kind`` above zero, else an error that names the value."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {noun}")
+        return value
+    noun = "integer" if kind is int else "number"
+    return parse
+
+
+def _cores(text: str) -> str:
+    if text != "all" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'all'")
+    return text
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -195,12 +218,12 @@ def _add_compress(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespa
                    help="kept fraction of the target parameters (default 0.6); repeat for several")
     p.add_argument("--calibration", help="calibration text file (default: config.yaml's corpus)")
     p.add_argument("--evaluation", help="held-out text file for perplexity (default: config.yaml's corpus)")
-    p.add_argument("--samples", type=int, help="calibration windows (default: config.yaml's n_samples)")
-    p.add_argument("--seq-len", type=int, help="tokens per calibration and evaluation window")
-    p.add_argument("--eval-windows", type=int, help="evaluation windows (default: config.yaml's max_windows)")
-    p.add_argument("--size-b", type=float, help="model size in billions (sizes cluster memory requests)")
+    p.add_argument("--samples", type=_positive(int), help="calibration windows (default: config.yaml's n_samples)")
+    p.add_argument("--seq-len", type=_positive(int), help="tokens per calibration and evaluation window")
+    p.add_argument("--eval-windows", type=_positive(int), help="evaluation windows (default: config.yaml's max_windows)")
+    p.add_argument("--size-b", type=_positive(float), help="model size in billions (sizes cluster memory requests)")
     p.add_argument("--out", help="run folder (default: lowrank-out/<model name>)")
-    p.add_argument("--cores", default="all", help="cores for Snakemake (default: all)")
+    p.add_argument("--cores", default="all", type=_cores, help="cores for Snakemake: a positive integer or all (default: all)")
     p.add_argument("--profile", help="a Snakemake profile, e.g. profiles/slurm (default: profiles/default)")
     p.add_argument("-n", "--dry-run", action="store_true", help="only show the jobs that would run")
     return compress

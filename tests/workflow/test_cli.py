@@ -50,6 +50,19 @@ def test_help_lists_every_recipe_of_the_full_table() -> None:
     assert bad.returncode == 2 and "zs-svdd" in bad.stderr
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--ratio", "abc", "not a kept fraction in (0, 1]"), ("--ratio", "1.5", "not a kept fraction in (0, 1]"),
+    ("--samples", "0", "not a positive integer"), ("--seq-len", "-5", "not a positive integer"),
+    ("--eval-windows", "2.5", "not a positive integer"), ("--size-b", "nan", "not a positive number"),
+    ("--cores", "0", "neither a positive integer nor 'all'")])
+def test_bad_numbers_are_refused_before_any_file_is_written(tmp_path: Path, flag: str, value: str,
+                                                            says: str) -> None:
+    bad = lowrank("compress", "embedded", "--method", "svd-llm", flag, value, "--out", str(tmp_path / "o"),
+                  check=False)
+    assert bad.returncode == 2 and f"argument {flag}:" in bad.stderr and value in bad.stderr and says in bad.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_compress_a_local_hf_folder_then_rerun_does_nothing(hf_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "calib.txt").write_text(word_lines(400, seed=2))
     (tmp_path / "heldout.txt").write_text(word_lines(200, seed=3))
