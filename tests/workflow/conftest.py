@@ -27,7 +27,8 @@ Rules of use:
 Cost: 61 tiny jobs, each mostly its Python start-up, two side by side (``--max-threads 1``): a few minutes on
 2 idle cores. While iterating on assertions, ``LOWRANK_TINY_DAG=/some/folder python3 -m pytest tests/workflow``
 runs the DAG into that folder once and reuses it in later sessions (Snakemake brings it up to date first, so an
-edit of the code or of ``shared_config`` reruns what it changes); CI never sets it.
+edit of the code or of ``shared_config`` reruns what it changes; under xdist one worker does that while the others
+wait on a lock). .ci/run sets it so that ``-m slow`` reads the run of the README's command instead of repeating it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def workdir(tmp_path: Path) -> Path:
     return write_workdir(tmp_path / "run")
 
 
+def _up_to_date(wd: Path) -> None:
+    """Write the shared config into ``wd`` (a new folder, or one whose config differs) and run Snakemake there."""
+    if not (wd / "config.yaml").is_file():
+        write_workdir(wd, shared_config())
+    elif yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
+        write_config(wd, shared_config())
+    snakemake(wd)
+
+
 @pytest.fixture(scope="session")
 def tiny_dag(tmp_path_factory, request: pytest.FixtureRequest) -> Path:
     """The folder of the session's one complete run of the shared tiny DAG (see the module docstring).
@@ -58,13 +68,22 @@ def tiny_dag(tmp_path_factory, request: pytest.FixtureRequest) -> Path:
     same folder (a ``done`` mark tells them it finished; a failed run leaves no mark, so each worker retries it and
     reports its error)."""
     reuse = os.environ.get("LOWRANK_TINY_DAG")
-    if reuse or not hasattr(request.config, "workerinput"):  # a folder of its own (not an xdist worker)
-        wd = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-dag") / "run"
-        if not (wd / "config.yaml").is_file():
-            write_workdir(wd, shared_config())
-        elif yaml.safe_load((wd / "config.yaml").read_text()) != shared_config():
-            write_config(wd, shared_config())
-        snakemake(wd)
+    worker = getattr(request.config, "workerinput", None)
+    if reuse:  # a folder named by the caller, brought up to date once per session under a lock
+        wd = Path(reuse).resolve()
+        wd.parent.mkdir(parents=True, exist_ok=True)
+        session, mark = (worker or {}).get("testrunuid"), wd.parent / f".{wd.name}.session"
+        with open(wd.parent / f".{wd.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers wait here; the first one runs Snakemake
+            if session is None or not mark.is_file() or mark.read_text() != session:
+                mark.unlink(missing_ok=True)
+                _up_to_date(wd)
+                if session is not None:
+                    mark.write_text(session)
+        return wd
+    if worker is None:  # a folder of its own (not an xdist worker)
+        wd = tmp_path_factory.mktemp("tiny-dag") / "run"
+        _up_to_date(wd)
         return wd
     common = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
     wd, done = common / "tiny-dag" / "run", common / "tiny-dag" / "done"

@@ -1,12 +1,18 @@
-"""One Snakemake run of the whole DAG over every tiny architecture, with plain SVD, SVD-LLM, FWSVD and ASVD.
+"""One Snakemake run of the whole DAG over every tiny architecture, with SVD-LLM, FWSVD and ASVD.
 
 The models are the tiny random configs of tests/data/architectures.yaml (Llama, Mistral, Qwen2, Qwen3, Gemma 3,
 Phi-3, GPT-2, OPT; Gemma 2 is covered by the unit tests only, to keep this run short). Nothing in the workflow
 names an architecture: the same config with another model entry just works.
 
-Cost: 8 models x 23 jobs + 2 = 186 jobs. The models are tiny; each job's time is its Python start-up (importing
-torch and transformers, ~2.5-5 s of CPU), so the run takes ~14 CPU-minutes: about 7-8 minutes on 2 idle cores
-(20 minutes measured on 2 cores shared with other work). Hence the ``slow`` mark (deselect with -m "not slow").
+The three recipes reach each architecture's targets through each kind of statistic: forward hooks on their inputs
+(SVD-LLM's input_gram, ASVD's act_scale) and backward passes through every block (FWSVD's fisher). Plain SVD reads
+no statistic: it runs per architecture in tests/unit/test_architectures.py (full-rank truncation in every space)
+and through the DAG on the tiny LLaMA (tests/workflow/test_pipeline_tiny.py); here it would add 40 jobs of Python
+start-up to CI and no code path.
+
+Cost: 8 models x 22 jobs + 2 = 178 jobs. The models are tiny; each job's time is its Python start-up (importing
+torch and transformers, ~2.5-5 s of CPU), so the run takes ~12 CPU-minutes: about 6-7 minutes on 2 idle cores.
+Hence the ``slow`` mark (deselect with -m "not slow").
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from lowrank.io import load_tensors, read_json
 SPECS = yaml.safe_load((REPO / "tests" / "data" / "architectures.yaml").read_text())
 MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gpt2", "opt"]
 METHODS = {
-    "svd": {"whitening": "none", "scorer": "sigma", "allocator": "uniform"},
     "svd-llm": {"whitening": "input_gram", "scorer": "sigma", "allocator": "uniform"},
     "fwsvd": {"whitening": "fisher", "scorer": "sigma", "allocator": "uniform"},
     "asvd": {"whitening": "act_scale", "scorer": "sigma", "allocator": "uniform"},
