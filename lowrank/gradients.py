@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, move_stem, resident,
+from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, head_pass, resident,
                      resolve_offload, stem_homes, targets_by_block)
 from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
@@ -181,20 +181,6 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int,
     return total / count
 
 
-class _Emit(nn.Module):
-    """Stand-in block for the head pass: the last one returns the injected hidden states, the others pass through."""
-
-    def __init__(self, inject: list[torch.Tensor | None], as_tuple: bool) -> None:
-        super().__init__()
-        self.inject, self.as_tuple = inject, as_tuple
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        if self.inject[0] is not None:
-            h = self.inject[0]
-        return (h,) if self.as_tuple else h
-
-
 @dataclass
 class _Acc:
     """Per-target accumulators of one block (on the compute device)."""
@@ -312,27 +298,17 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                         store.put(i + 1, b, block_output(blk(store.get(i, b), *args, **kwargs)))
         # 3. head: δ_L = ∂L_b/∂h_L through the model's own final norm and LM head
         deltas: list[torch.Tensor] = []
-        inject: list[torch.Tensor | None] = [None]
-        originals = list(blocks)
-        moved = move_stem(model, originals, device)
-        try:
-            for i in range(n_blocks):
-                blocks[i] = _Emit(inject if i == n_blocks - 1 else [None], as_tuple)
+        with head_pass(model, device, as_tuple) as inject:
             for b, s in enumerate(range(0, windows.shape[0], batch_size)):
                 batch = windows[s : s + batch_size].to(device)
                 hL = store.get(n_blocks, b).detach().requires_grad_(True)
-                inject[0] = hL
+                inject(hL)
                 with torch.enable_grad():
                     loss, n_b = causal_lm_loss(model, batch)
                     (d,) = torch.autograd.grad(loss, [hL])
                 loss_sum += float(loss.detach()) * n_b
                 deltas.append(d.detach())
-                inject[0] = None
-        finally:
-            for i, blk in enumerate(originals):
-                blocks[i] = blk
-            for mod in moved:
-                mod.to("cpu")
+                inject(None)
         store.drop(n_blocks)
         weights_n = [(s, (windows[s : s + batch_size].shape[0]) * (windows.shape[1] - 1))
                      for s in range(0, windows.shape[0], batch_size)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from .factorized import LowRankLinear
 from .model import find_blocks, load_model, model_path
 
 __all__ = ["lazy_setting", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "block_of", "place_block",
-           "release_block", "checkpoint_bytes", "load_model_streaming"]
+           "release_block", "checkpoint_bytes", "load_model_streaming", "streams", "attach_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ class ShardedCheckpoint:
                     out[k] = t.to(device)
         return out
 
+    def add_file(self, path: str | os.PathLike) -> list[str]:
+        """Also read every tensor of the safetensors file ``path`` (e.g. a compressed model's factors) from it;
+        returns its keys."""
+        from safetensors import safe_open
+
+        path = Path(path).resolve()
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        self.weight_map.update({k: str(path) for k in keys})  # absolute: folder / path is path
+        return keys
+
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
 
@@ -97,6 +108,7 @@ class _Lazy:
     checkpoint: ShardedCheckpoint
     prefix: str
     dtype: torch.dtype
+    stored: set[int] = field(default_factory=set)  # ids of LowRankLinear modules read from a file (re-readable)
 
 
 def is_lazy(model: nn.Module) -> bool:
@@ -150,20 +162,31 @@ def place_block(model: nn.Module, i: int, device: torch.device | str) -> torch.d
 
 
 def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
-    """Return block ``i`` to ``home``; a lazy block goes back to ``meta``, except its ``LowRankLinear`` factors
-    (the compressed result, kept on CPU)."""
+    """Return block ``i`` to ``home``; a lazy block goes back to ``meta``, except the ``LowRankLinear`` factors
+    made since it was placed (the compressed result, kept on CPU); factors read from a file go back too."""
     _, block = _block_keys(model, i)
     if torch.device(home).type != "meta":
         block.to(home)
         return
-    for mod in block.modules():
-        if isinstance(mod, LowRankLinear):
-            mod.to("cpu")
-    keep = {id(p) for m in block.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    lazy = getattr(model, _LAZY_ATTR)
+    results = [m for m in block.modules() if isinstance(m, LowRankLinear) and id(m) not in lazy.stored]
+    for mod in results:
+        mod.to("cpu")
+    keep = {id(p) for m in results for p in m.parameters()}
     for mod in block.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
             if id(p) not in keep:
                 setattr(mod, name, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+
+
+def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str]) -> list[str]:
+    """Read the ``LowRankLinear`` modules ``names`` of a lazy ``model`` (on ``meta``) from the safetensors file
+    ``path`` with their block, and send them back to ``meta`` after it, like the dense weights; returns the
+    file's keys."""
+    lazy = getattr(model, _LAZY_ATTR)
+    keys = lazy.checkpoint.add_file(path)
+    lazy.stored.update(id(model.get_submodule(n)) for n in names)
+    return keys
 
 
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
@@ -194,13 +217,21 @@ def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = 
     """The model on CPU for a streamed stage: lazy (:func:`load_lazy_model`) when ``lazy`` or, with
     ``lazy=None``, when the checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory."""
     folder = model_path(manifest_path)
-    if lazy is None:
-        try:
-            ckpt = ShardedCheckpoint(folder)
-        except FileNotFoundError:
-            return load_model(manifest_path, dtype=dtype)
-        need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
-        lazy = need > fraction * _available_bytes()
-        log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
-                 else "fits in memory")
-    return load_lazy_model(folder, dtype) if lazy else load_model(manifest_path, dtype=dtype)
+    return load_lazy_model(folder, dtype) if streams(folder, dtype, lazy, fraction) else load_model(
+        manifest_path, dtype=dtype)
+
+
+def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fraction: float = 0.5) -> bool:
+    """Whether the model in ``folder`` is loaded lazily: ``lazy`` when given, else (``None``) when its
+    checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory (never without safetensors)."""
+    if lazy is not None:
+        return lazy
+    try:
+        ckpt = ShardedCheckpoint(folder)
+    except FileNotFoundError:
+        return False
+    need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
+    lazy = need > fraction * _available_bytes()
+    log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
+             else "fits in memory")
+    return lazy
