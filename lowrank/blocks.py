@@ -39,7 +39,7 @@ from .sharded import block_of, place_block, release_block
 
 __all__ = ["BlockInputs", "capture_block_inputs", "block_output", "move_stem", "stem_homes", "targets_by_block",
            "resident", "for_each_block", "stream_blocks", "OFFLOAD_MODES", "boundary_bytes", "resolve_offload",
-           "offload_block_inputs", "BoundaryStore", "head_pass"]
+           "offload_block_inputs", "BoundaryStore", "head_pass", "frozen_walk"]
 
 
 # ---- 1. capture of the block inputs ---------------------------------------------------------------------------
@@ -166,6 +166,27 @@ def move_stem(model: nn.Module, blocks: list[nn.Module], device: torch.device) -
 def stem_homes(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[nn.Module, torch.device]]:
     """Every parameter/buffer-holding module outside the blocks and the device it lives on now."""
     return [(mod, own[0].device) for mod, own in _stem_modules(model, blocks)]
+
+
+@contextmanager
+def frozen_walk(model: nn.Module) -> Iterator[None]:
+    """A block walk's model state: eval mode and no parameter requiring grad inside; after, the flags, the mode
+    and the stem's devices (the stem helpers park it on CPU) as they were."""
+    _, blocks = find_blocks(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    homes = stem_homes(model, list(blocks))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for mod, dev in homes:
+            mod.to(dev)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
 
 
 def targets_by_block(targets: list[Target]) -> dict[int, list[Target]]:

@@ -27,7 +27,7 @@ from .blocks import resident, targets_by_block
 from .factorized import LowRankLinear
 from .gradients import calibration_gradients, calibration_loss, streamed_gradients, streamed_loss
 from .io import load_tensors, save_tensors
-from .model import Target, find_blocks, linear_weight, replace_module
+from .model import Target, linear_weight, replace_module
 from .runtime import progress
 from .sharded import attach_factors, is_lazy
 from .spaces import BoundSpace

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, head_pass,
-                     offload_block_inputs, resident, resolve_offload, stem_homes, stream_blocks, targets_by_block)
+from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, frozen_walk, head_pass,
+                     offload_block_inputs, resident, resolve_offload, stream_blocks, targets_by_block)
 from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 
@@ -287,16 +287,10 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
     n_blocks = len(blocks)
     by_block = targets_by_block(targets)
     total = windows.shape[0] * (windows.shape[1] - 1)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     G_out: dict[str, torch.Tensor] = {}
     F_out: dict[str, torch.Tensor] = {}
     loss_sum = 0.0
-    homes = stem_homes(model, list(blocks))  # the stem helpers park it on CPU: put it back where it was
-    try:
+    with frozen_walk(model):
         # 1. stem: every block's call arguments and block 0's inputs, per batch
         inputs = capture_block_inputs(model, windows, batch_size, device)
         n_batches = len(inputs.hidden)
@@ -396,12 +390,6 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                 G_out.update(G_i)
                 if F_i is not None:
                     F_out.update(F_i)
-    finally:
-        for mod, dev in homes:
-            mod.to(dev)
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
     order = [t.name for t in targets]
     G_sorted = {n: G_out[n] for n in order if n in G_out}
     F_sorted = {n: F_out[n] for n in order if n in F_out} if fisher_mode != "none" else None
