@@ -87,15 +87,15 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
                     device: torch.device | str = "cpu", lazy: bool | None = False) -> nn.Module:
     """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict).
 
-    ``lazy`` (float factors only; ``None`` = when the base checkpoint does not fit, :func:`lowrank.sharded.streams`):
-    the base as a lazy skeleton (:func:`lowrank.sharded.load_lazy_model`) whose skeletons stay on ``meta`` too;
+    ``lazy`` (``None`` = when the base checkpoint does not fit, :func:`lowrank.sharded.streams`): the base as a
+    lazy skeleton (:func:`lowrank.sharded.load_lazy_model`) whose factor (or int8) skeletons stay on ``meta`` too;
     a block's factors are read from the factor file when the block is placed and dropped when it is released,
     so host memory holds the stem and one block, whatever the depth. The model then stays on CPU.
     """
     out_dir = Path(out_dir)
     manifest = read_json(out_dir / MANIFEST)
     if manifest.get("format") == QUANTIZED_FORMAT:
-        return _load_quantized(out_dir, manifest, dtype, device)
+        return _load_quantized(out_dir, manifest, dtype, device, lazy)
     base = out_dir / manifest["base_manifest"]
     if streams(model_path(base), dtype, lazy):
         model = load_lazy_model(model_path(base), dtype)
@@ -157,11 +157,18 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_p
 
 
 def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
-                    device: torch.device | str) -> nn.Module:
-    model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
+                    device: torch.device | str, lazy: bool | None = False) -> nn.Module:
+    base = out_dir / manifest["base_manifest"]
+    streamed = streams(model_path(base), dtype, lazy)
+    model = load_lazy_model(model_path(base), dtype) if streamed else load_model(base, dtype=dtype, device="cpu")
     for name, lay in manifest["layouts"].items():
-        replace_module(model, name, QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"],
-                                                    bias=lay["bias"]))
+        new = QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"], bias=lay["bias"])
+        replace_module(model, name, new.to("meta") if streamed else new)
+    if streamed:  # each block's rows read with the block, in their stored dtypes
+        path = out_dir / manifest["factors"]
+        keys = attach_factors(model, path, list(manifest["layouts"]), cast=False)
+        _check_keys(model, manifest["layouts"], keys, path, "quantized file")
+        return model.eval()
     tensors = _load_module_tensors(model, manifest["layouts"], out_dir / manifest["factors"], "quantized file")
     model.load_state_dict(tensors, strict=False)  # buffers keep their stored dtypes (int8, float16, float32)
     return model.to(device).eval()

@@ -51,6 +51,7 @@ class ShardedCheckpoint:
         else:
             raise FileNotFoundError(f"{self.folder} holds no model.safetensors(.index.json): lazy loading needs a "
                                     "safetensors checkpoint (convert it with save_pretrained(safe_serialization=True))")
+        self.raw: set[str] = set()  # keys read in their stored dtype
 
     def load(self, names: list[str], device: torch.device | str, dtype: torch.dtype | None
              ) -> dict[str, torch.Tensor]:
@@ -68,20 +69,25 @@ class ShardedCheckpoint:
             with safe_open(str(self.folder / fname), framework="pt", device="cpu") as f:
                 for k in keys:
                     t = f.get_tensor(k)
-                    if dtype is not None and t.is_floating_point():
+                    if dtype is not None and t.is_floating_point() and k not in self.raw:
                         t = t.to(dtype)
                     out[k] = t.to(device)
         return out
 
-    def add_file(self, path: str | os.PathLike) -> list[str]:
+    def add_file(self, path: str | os.PathLike, cast: bool = True) -> list[str]:
         """Also read every tensor of the safetensors file ``path`` (e.g. a compressed model's factors) from it;
-        returns its keys."""
+        ``cast=False``: its tensors keep their stored dtypes (int8 rows, float16, float32 scales). Returns its
+        keys."""
         from safetensors import safe_open
 
         path = Path(path).resolve()
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
         self.weight_map.update({k: str(path) for k in keys})  # absolute: folder / path is path
+        if cast:
+            self.raw.difference_update(keys)
+        else:
+            self.raw.update(keys)
         return keys
 
     def total_bytes(self) -> int:
@@ -177,14 +183,20 @@ def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
         for name, p in list(mod.named_parameters(recurse=False)):
             if id(p) not in keep:
                 setattr(mod, name, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+        if id(mod) in lazy.stored:  # its buffers (int8 rows) were read from a file too
+            for sub in mod.modules():
+                for name, b in list(sub._buffers.items()):
+                    if b is not None:
+                        sub._buffers[name] = b.to("meta")
 
 
-def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str]) -> list[str]:
-    """Read the ``LowRankLinear`` modules ``names`` of a lazy ``model`` (on ``meta``) from the safetensors file
-    ``path`` with their block, and send them back to ``meta`` after it, like the dense weights; returns the
-    file's keys."""
+def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str], cast: bool = True) -> list[str]:
+    """Read the modules ``names`` of a lazy ``model`` (on ``meta``: ``LowRankLinear`` factors, ``QuantizedLinear``
+    rows) from the safetensors file ``path`` with their block, and send them back to ``meta`` after it, like the
+    dense weights (``cast``: to the model's dtype, as the dense weights; else as stored); returns the file's
+    keys."""
     lazy = getattr(model, _LAZY_ATTR)
-    keys = lazy.checkpoint.add_file(path)
+    keys = lazy.checkpoint.add_file(path, cast)
     lazy.stored.update(id(model.get_submodule(n)) for n in names)
     return keys
 

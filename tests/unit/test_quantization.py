@@ -307,3 +307,27 @@ def test_lazy_model_quantizes_block_by_block_to_the_same_bytes(tmp_path, tiny_ll
         save_quantized(tmp_path / name, model, manifest, ref.accounted_bytes, {"mode": mode})
     assert (tmp_path / "lazy" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_lazy_quantized_reload_streams_the_same_perplexity(tmp_path, tiny_llama_spec, token_windows):
+    """A quantized model read back lazily: int8 rows on meta until their block is placed, read in their stored
+    dtypes and dropped after it; the streamed perplexity and the sizes equal the whole-model ones."""
+    from lowrank.evaluation import model_size, perplexity, storage_bytes
+    from lowrank.io import read_json
+    from lowrank.model import find_blocks, load_model
+    from lowrank.sharded import is_lazy
+
+    manifest = _base_manifest(tmp_path, tiny_llama_spec)
+    model = load_model(manifest)
+    targets = find_targets(model)
+    res = quantize_model(model, targets, "remap", 0.4, _ranks(model, "remap", 0.4), bind("none"))
+    save_quantized(tmp_path / "q", model, manifest, res.accounted_bytes, {"mode": "remap"})
+    whole, lazy = load_compressed(tmp_path / "q"), load_compressed(tmp_path / "q", lazy=True)
+    assert is_lazy(lazy) and not is_lazy(whole)
+    _, blocks = find_blocks(lazy)
+    assert all(t.is_meta for b in blocks for t in [*b.parameters(), *b.buffers()])
+    ref, got = perplexity(whole, token_windows, 2), perplexity(lazy, token_windows, 2)
+    assert got == ref  # the same kernels on the same tensors: bitwise here
+    assert all(t.is_meta for b in blocks for t in [*b.parameters(), *b.buffers()])  # released, rows too
+    body = read_json(tmp_path / "q" / "manifest.json")
+    assert model_size(lazy) == model_size(whole) and storage_bytes(lazy, body) == storage_bytes(whole, body)
