@@ -134,8 +134,8 @@ def collect_output_kl(model: nn.Module, windows: torch.Tensor, batch_size: int, 
             p.requires_grad_(f)
         model.train(was_training)
         model.to(home)
-    return OutputMetrics(C={n: (c / tokens).cpu() for n, c in C.items()}, tokens=tokens, top_k=top_k,
-                         damping=damping, windows=int(used.shape[0]))
+    return OutputMetrics(C=_mean(C, tokens), tokens=tokens, top_k=top_k, damping=damping,
+                         windows=int(used.shape[0]))
 
 
 def _top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +213,12 @@ def _streamed_output_kl(model: nn.Module, used: torch.Tensor, batch: int, device
                         h.remove()
                 store.drop(i)
     tokens = used.shape[0] * used.shape[1]
-    return {n: (c / tokens).cpu() for n, c in C.items()}, tokens
+    return _mean(C, tokens), tokens
+
+
+def _mean(C: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+    """``C[n] / tokens`` on CPU, divided in place and taken out of ``C`` one at a time (never two copies of all)."""
+    return {n: C.pop(n).div_(tokens).cpu() for n in list(C)}
 
 
 def _keep_output(name: str, outputs: dict[str, torch.Tensor]):
