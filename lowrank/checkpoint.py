@@ -87,7 +87,8 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
                     device: torch.device | str = "cpu", lazy: bool | None = False) -> nn.Module:
     """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict).
 
-    ``lazy`` (``None`` = when the base checkpoint does not fit, :func:`lowrank.sharded.streams`): the base as a
+    ``lazy`` (``None`` = when the base checkpoint does not fit in host memory or on ``device``,
+    :func:`lowrank.sharded.streams`): the base as a
     lazy skeleton (:func:`lowrank.sharded.load_lazy_model`) whose factor (or int8) skeletons stay on ``meta`` too;
     a block's factors are read from the factor file when the block is placed and dropped when it is released,
     so host memory holds the stem and one block, whatever the depth. The model then stays on CPU.
@@ -97,7 +98,7 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     if manifest.get("format") == QUANTIZED_FORMAT:
         return _load_quantized(out_dir, manifest, dtype, device, lazy)
     base = out_dir / manifest["base_manifest"]
-    if streams(model_path(base), dtype, lazy):
+    if streams(model_path(base), dtype, lazy, device=device):
         model = load_lazy_model(model_path(base), dtype)
         for name, rank in manifest["ranks"].items():
             swap_in_low_rank(model, name, int(rank))
@@ -159,7 +160,7 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_p
 def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
                     device: torch.device | str, lazy: bool | None = False) -> nn.Module:
     base = out_dir / manifest["base_manifest"]
-    streamed = streams(model_path(base), dtype, lazy)
+    streamed = streams(model_path(base), dtype, lazy, device=device)
     model = load_lazy_model(model_path(base), dtype) if streamed else load_model(base, dtype=dtype, device="cpu")
     for name, lay in manifest["layouts"].items():
         new = QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"], bias=lay["bias"])

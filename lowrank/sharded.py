@@ -233,9 +233,12 @@ def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = 
         manifest_path, dtype=dtype)
 
 
-def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fraction: float = 0.5) -> bool:
+def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fraction: float = 0.5,
+            device: torch.device | str | None = None, device_free: int | None = None) -> bool:
     """Whether the model in ``folder`` is loaded lazily: ``lazy`` when given, else (``None``) when its
-    checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory (never without safetensors)."""
+    checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory (never without safetensors)
+    or, for a stage whose in-memory path puts the whole model on a CUDA ``device`` (evaluation, correction,
+    quantize), ``fraction`` of that device's free memory (``device_free``: those bytes, else asked of CUDA)."""
     if lazy is not None:
         return lazy
     try:
@@ -243,7 +246,9 @@ def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fr
     except FileNotFoundError:
         return False
     need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
-    lazy = need > fraction * _available_bytes()
+    if device_free is None and device is not None and torch.device(device).type == "cuda":
+        device_free = int(torch.cuda.mem_get_info(torch.device(device))[0])
+    lazy = need > fraction * _available_bytes() or (device_free is not None and need > fraction * device_free)
     log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
              else "fits in memory")
     return lazy

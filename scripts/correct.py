@@ -17,8 +17,8 @@ def run(smk) -> None:
     with stage(smk) as st:
         method, s = dict(smk.params.method), int(smk.wildcards.stage)
         corr = CorrectionConfig(**method["correction"])
-        # lazy (runtime.lazy_load, or a base larger than memory): teacher and model read one block at a time
-        lazy = streams(model_path(smk.input.manifest), st.dtype, lazy_load(smk))
+        # lazy (runtime.lazy_load, or a base larger than host or device memory): teacher and model one block at a time
+        lazy = streams(model_path(smk.input.manifest), st.dtype, lazy_load(smk), device=st.device)
         if lazy:
             teacher_model = load_lazy_model(model_path(smk.input.manifest), st.dtype)
             model = load_compressed(Path(smk.input.previous).parent, dtype=st.dtype, lazy=True)

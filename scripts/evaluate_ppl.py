@@ -23,8 +23,9 @@ def run(smk) -> None:
                      "compressed_dir": folder.as_posix()}  # the evaluated (last) stage, relative to the run
         else:
             folder = model_path(smk.input.manifest)
-            model = (load_lazy_model(folder, st.dtype) if streams(folder, st.dtype, lazy) else
-                     load_model(smk.input.manifest, dtype=st.dtype, device=st.device))
+            streamed = streams(folder, st.dtype, lazy, device=st.device)
+            model = load_lazy_model(folder, st.dtype) if streamed else load_model(smk.input.manifest, dtype=st.dtype,
+                                                                                  device=st.device)
             extra = {}
         windows = load_tensors(smk.input.windows)[0]["tokens"]
         result = {**perplexity(model, windows, smk.params.batch_size, st.device), **model_size(model), **extra}

@@ -20,10 +20,11 @@ def run(smk) -> None:
     with stage(smk) as st:
         method, ratio, damping = dict(smk.params.method), float(smk.params.ratio), smk.params.damping
         q, space = QuantizeConfig(**method["quantize"]), method["whitening"]
-        # lazy (runtime.lazy_load, or larger than memory): one block at a time from the shards
+        # lazy (runtime.lazy_load, or larger than host or device memory): one block at a time from the shards
         folder = model_path(smk.input.manifest)
-        model = (load_lazy_model(folder, st.dtype) if streams(folder, st.dtype, lazy_load(smk)) else
-                 load_model(smk.input.manifest, dtype=st.dtype, device=st.device))
+        lazy = streams(folder, st.dtype, lazy_load(smk), device=st.device)
+        model = load_lazy_model(folder, st.dtype) if lazy else load_model(smk.input.manifest, dtype=st.dtype,
+                                                                           device=st.device)
         targets = find_targets(model)
         ranks = check_allocation(read_json(smk.input.allocation), q.mode, ratio)
         stats = load_stats(smk)
