@@ -11,12 +11,20 @@ Stages (the pipeline's own functions, streamed block by block):
 * ``allocation``: zero-sum allocation at ``--ratio``.
 * ``truncation``: :func:`lowrank.resume.truncate_blocks` (per-block factor files); floor: the decompositions.
 
-``--whole-model-stages`` adds the stages that still hold the whole model (as their scripts do: the compressed
-model resident), each in its own peak-memory window that includes building it (the random model in memory, the
-same weights, truncated to the same ranks, as ``load_compressed`` would rebuild it): ``correction``
-(:func:`lowrank.correction.correct_model`, one projected step, one backtrack, the dense targets as teacher) and
-``evaluation`` (:func:`lowrank.evaluation.perplexity` over the calibration windows). Their peak RSS grows with
-depth until they are streamed (issue 18, item 7); the streamed stages' does not.
+``--every-stage`` (with ``--lazy``) adds the later stages as their scripts run them on a lazy model
+(``runtime.lazy_load: true``), each streamed one block at a time: ``evaluation``
+(:func:`lowrank.evaluation.perplexity` of the truncated model read back with
+:func:`lowrank.checkpoint.load_compressed` ``lazy``), ``correction`` (:func:`lowrank.correction.correct_streamed`,
+one backtrack, judged on other windows), ``output_kl`` (:func:`lowrank.output_metric.collect_output_kl` over
+``--kl-windows``) and ``quantize`` (:func:`lowrank.quantization.quantize_model`, ``loss_aware``). For each stage
+the table gives its peak host RSS minus the results it holds by nature (the Grams, alive throughout; its
+factors, int8 rows or metrics; its offloaded boundary activations), which must stay flat in depth.
+
+Host RSS is the allocator's view: with glibc's default dynamic mmap threshold, freed buffers of up to 32 MB stay
+in the heap, so a process that frees more, larger buffers (a deeper model) shows a higher RSS without holding
+anything (the +28 % "growth" of the streamed stages at width 256, 4 → 32 blocks). The sweep therefore runs each
+point with ``MALLOC_MMAP_THRESHOLD_=131072`` (buffers above 128 KiB always mmapped, returned when freed) and
+trims the heap between stages; ``--default-malloc`` keeps glibc's defaults.
 
 The floors run with the model resident on the device when it fits there (else block by block, as the stages),
 in the same process, so ratios are meaningful on any machine. Peak memory: host RSS (sampled every 5 ms) and, on
@@ -48,20 +56,21 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 os.environ.setdefault("LOWRANK_NO_PROGRESS", "1")
 
 from lowrank.allocation import allocate  # noqa: E402
+from lowrank.blocks import boundary_bytes, for_each_block  # noqa: E402
 from lowrank.calibration import collect_input_grams  # noqa: E402
 from lowrank.decompose import thin_svd_many  # noqa: E402
+from lowrank.factorized import LowRankLinear  # noqa: E402
 from lowrank.gradients import causal_lm_loss  # noqa: E402
 from lowrank.model import find_targets, linear_weight  # noqa: E402
 from lowrank.resume import truncate_blocks  # noqa: E402
 from lowrank.runtime import DTYPES  # noqa: E402
-from lowrank.blocks import for_each_block  # noqa: E402
 from lowrank.sharded import load_lazy_model  # noqa: E402
 from lowrank.spaces import input_factor  # noqa: E402
 from lowrank.streaming import fused_scores  # noqa: E402
@@ -78,8 +87,10 @@ class Peak:
         import psutil
 
         proc = psutil.Process()
-        while not self._stop.is_set():
+        while True:  # at least one sample, and one after the stage ended
             self.rss = max(self.rss, proc.memory_info().rss / 1e9)
+            if self._stop.is_set():
+                return
             time.sleep(0.005)
 
     def __enter__(self) -> "Peak":
@@ -100,7 +111,7 @@ class Peak:
         self._t.join()
 
 
-def build(a: argparse.Namespace, folder: str | None) -> torch.nn.Module:
+def build(a: argparse.Namespace) -> torch.nn.Module:
     """A random LLaMA of the requested shape in ``--dtype`` on CPU (meta skeleton filled in place: fast)."""
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,11 +135,25 @@ def build(a: argparse.Namespace, folder: str | None) -> torch.nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
     model.eval()
-    if folder is None:
-        return model
-    model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
-    del model
-    return load_lazy_model(folder, dtype)
+    return model
+
+
+def _save_random(a: argparse.Namespace, folder: str) -> None:
+    build(a).save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
+
+
+def build_lazy(a: argparse.Namespace, folder: str) -> torch.nn.Module:
+    """The random model saved as safetensors shards by a child process, reloaded lazily here: building and
+    serialising the whole model in this process would leave its freed pages in the allocator's heap, and the
+    measured peak RSS would grow with depth for a reason no stage has."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=_save_random, args=(a, folder))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"writing the random checkpoint failed ({proc.exitcode})")
+    return load_lazy_model(folder, DTYPES[a.dtype])
 
 
 def _batches(windows: torch.Tensor, b: int) -> list[torch.Tensor]:
@@ -162,37 +187,81 @@ def floors(model: torch.nn.Module, a: argparse.Namespace, windows: torch.Tensor,
     return out
 
 
-def whole_model_stages(a: argparse.Namespace, ranks: dict[str, int | None], stats: dict[str, Any],
-                       windows: torch.Tensor, gwin: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Correction and evaluation as their scripts run them today (the whole compressed model resident): peak RSS
-    of each, the build of the resident compressed model included; ``model_gb``: its weights."""
-    from lowrank.correction import correct_model
+def _trim() -> None:
+    """Hand the allocator's free heap back to the OS between stages (glibc), so a stage's RSS samples are its own
+    and not what an earlier stage freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def later_stages(a: argparse.Namespace, folder: str, compressed: str, stats: dict[str, Any], windows: torch.Tensor,
+                 gwin: torch.Tensor, device: torch.device, shapes: dict[str, Any], scores: dict[str, Any],
+                 held_before: int) -> dict[str, dict[str, float]]:
+    """Evaluation, correction, output_kl and quantize (loss_aware), each as its script runs it on a lazy model
+    (runtime.lazy_load true): the compressed model read back lazily from ``compressed`` (its factors with their
+    block), the dense teacher / source from the shards in ``folder``. Each in its own peak window; ``held_gb``:
+    what the stage holds by nature (``held_before``: the Grams, alive throughout, plus its own results)."""
+    from lowrank.checkpoint import load_compressed
+    from lowrank.correction import correct_streamed
     from lowrank.evaluation import perplexity
+    from lowrank.gradients import streamed_gradients
+    from lowrank.output_metric import collect_output_kl
+    from lowrank.quantization import allocate_bytes, quantize_model
+    from lowrank.quantized_linear import QuantizedLinear
     from lowrank.spaces import bind
-    from lowrank.truncation import truncate_model
 
-    def compressed() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        model = build(a, None)
-        targets = find_targets(model)
-        teacher = {t.name: linear_weight(model.get_submodule(t.name)).detach().clone() for t in targets}
-        truncate_model(model, targets, ranks, "input_gram", stats, 1e-6, device, a.decomposition)
-        return model, teacher
+    dtype = DTYPES[a.dtype]
+    bound = (lambda w: boundary_bytes(w, a.hidden, a.layers, dtype)) if (a.offload == "cpu" or
+                                                                        device.type == "cpu") else (lambda w: 0)
+    out: dict[str, dict[str, float]] = {}
 
-    out: dict[str, Any] = {}
-    # evaluation first: RSS is a high-water mark of the process, so the lighter stage is measured before the other
+    def record(name: str, p: Peak, held: int) -> None:
+        out[name] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda, "held_gb": (held_before + held) / 1e9}
+
+    _trim()
     with Peak(device) as p:
-        model, _ = compressed()
+        model = load_compressed(compressed, dtype, lazy=True)
         perplexity(model, windows, a.batch, device)
-    out["evaluation"] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda}
+    record("evaluation", p, 0)
     del model
+    _trim()
+    space = bind("input_gram", stats, 1e-6, "svd", device)
+    judge = windows.roll(-gwin.shape[0], dims=0)[: gwin.shape[0]]
+    with tempfile.TemporaryDirectory(prefix="lowrank-correct-") as work, Peak(device) as p:
+        model = load_compressed(compressed, dtype, lazy=True)
+        teacher = load_lazy_model(folder, dtype)
+        correct_streamed(model, teacher, find_targets(teacher), gwin, a.grad_batch, space, device, work,
+                         backtrack=1, judge=judge)
+    factors = _tensor_bytes(q for m in model.modules() if isinstance(m, LowRankLinear) for q in m.parameters())
+    record("correction", p, factors + bound(gwin))
+    del model, teacher
+    _trim()
+    kl_windows = windows[: a.kl_windows]
     with Peak(device) as p:
-        model, teacher = compressed()
+        model = load_lazy_model(folder, dtype)
+        metric = collect_output_kl(model, kl_windows, a.batch, device, top_k=a.kl_top_k, max_windows=None)
+    record("output_kl", p, _tensor_bytes(metric.C.values()) + bound(kl_windows))
+    del model, metric
+    _trim()
+    ranks = allocate_bytes("loss_aware", shapes, a.ratio, scores).ranks
+    with tempfile.TemporaryDirectory(prefix="lowrank-quantize-") as work, Peak(device) as p:
+        model = load_lazy_model(folder, dtype)
         targets = find_targets(model)
-        correct_model(model, teacher, targets, gwin, a.grad_batch, bind("input_gram", stats, 1e-6, "svd", device),
-                      device, backtrack=1)
-    out["correction"] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda}
-    out["model_gb"] = sum(x.numel() * x.element_size() for x in model.parameters()) / 1e9
-    out["teacher_gb"] = sum(x.numel() * x.element_size() for x in teacher.values()) / 1e9
+        quantize_model(model, targets, "loss_aware", a.ratio, ranks, space,
+                       lambda m, on_block=None: streamed_gradients(m, gwin, a.grad_batch, device, targets,
+                                                                   on_block=on_block, keep=on_block is None),
+                       device, workdir=work)
+    mats = sum(4 * (s.m * s.n if ranks[n] is None else ranks[n] * (s.m + s.n)) for n, s in shapes.items())
+    quantized = _tensor_bytes(b for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers())
+    record("quantize", p, mats + quantized + bound(gwin))
     return out
 
 
@@ -204,7 +273,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     gwin = windows[: a.grad_windows]
     tmp = tempfile.TemporaryDirectory(prefix="lowrank-bench-") if a.lazy else None
     t0 = time.perf_counter()
-    model = build(a, tmp.name if tmp else None)
+    model = build_lazy(a, tmp.name) if tmp else build(a)
     t_build = time.perf_counter() - t0
     targets = find_targets(model)
     res: dict[str, Any] = {"layers": a.layers, "hidden": a.hidden, "mlp": a.mlp, "tokens": windows.numel(),
@@ -212,18 +281,22 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
                            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "dtype": a.dtype, "decomposition": a.decomposition, "lazy": bool(a.lazy)}
     stages: dict[str, Peak] = {}
+    _trim()
     with Peak(device) as p:
         grams = collect_input_grams(model, windows, a.batch, device, targets)
     stages["input Grams"] = p
     stats = {"input_gram": grams}
+    _trim()
     with Peak(device) as p:
         scores, grads = fused_scores(model, gwin, a.grad_batch, device, targets, "first_order", "input_gram", stats,
                                      1e-6, a.decomposition, a.offload)
     stages["gradients + scores"] = p
     shapes = {t.name: t.shape for t in targets}
+    _trim()
     with Peak(device) as p:
         alloc = allocate("zero_sum", shapes, a.ratio, {n: d["score"] for n, d in scores.items()})
     stages["allocation"] = p
+    _trim()
     with tempfile.TemporaryDirectory(prefix="lowrank-parts-") as parts, Peak(device) as p:
         truncate_blocks(model, targets, alloc.ranks, "input_gram", stats, 1e-6, device, parts,
                         decomposition=a.decomposition)
@@ -231,15 +304,15 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     total = sum(s.seconds for s in stages.values())
     # results that grow with depth by nature (held on the host until written): fp64 Grams, the factors, and the
     # streamed gradients' boundary activations (offloaded: one per block + 1)
-    from lowrank.factorized import LowRankLinear
-    from lowrank.blocks import boundary_bytes
-
-    held = (sum(c.numel() * 8 for c in grams.C.values())
-            + sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, LowRankLinear)
-                  for p in m.parameters())
-            + (boundary_bytes(gwin, a.hidden, a.layers, DTYPES[a.dtype]) if a.offload == "cpu" or
-               device.type == "cpu" else 0))
-    res["held_gb"] = held / 1e9
+    grams_b = _tensor_bytes(grams.C.values())
+    factors_b = _tensor_bytes(p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+    bound_b = (boundary_bytes(gwin, a.hidden, a.layers, DTYPES[a.dtype]) if a.offload == "cpu" or
+               device.type == "cpu" else 0)
+    res["held_gb"] = (grams_b + factors_b + bound_b) / 1e9
+    stage_held = {"input Grams": grams_b, "gradients + scores": grams_b + bound_b, "allocation": grams_b,
+                  "truncation": grams_b + factors_b}
+    res["stages"] = {k: {"s": v.seconds, "rss_gb": v.rss, "cuda_gb": v.cuda, "held_gb": stage_held[k] / 1e9}
+                     for k, v in stages.items()}
 
     # floor: one decomposition (and Cholesky) of every whitened target, batched per block as the fast path can
     def decompositions(i: int, tl: list) -> None:
@@ -247,16 +320,24 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
                      input_factor("input_gram", t.name, stats, 1e-6, device)) for t in tl]
         thin_svd_many(Bs, a.decomposition)
 
-    del model  # truncated in place; the floors start from the original weights
-    if a.whole_model_stages:
-        res["whole"] = whole_model_stages(a, alloc.ranks, stats, windows, gwin, device)
-    fresh = load_lazy_model(tmp.name, DTYPES[a.dtype]) if tmp else build(a, None)
+    if a.every_stage:  # the later stages read the truncated model back lazily, as their scripts do
+        from lowrank.checkpoint import save_compressed
+        from lowrank.io import write_json
+
+        write_json(os.path.join(tmp.name, "pretrained.json"), {"path": tmp.name, "path_relative": False})
+        compressed = os.path.join(tmp.name, "compressed")
+        save_compressed(compressed, model, os.path.join(tmp.name, "pretrained.json"), {})
+        del model
+        res["later"] = later_stages(a, tmp.name, compressed, stats, windows, gwin, device, shapes,
+                                    {n: d["score"] for n, d in scores.items()}, grams_b)
+    else:
+        del model  # truncated in place; the floors start from the original weights
+    fresh = load_lazy_model(tmp.name, DTYPES[a.dtype]) if tmp else build(a)
     with Peak(device) as p:
         for_each_block(fresh, find_targets(fresh), device, decompositions)
     t_dec = p.seconds
     fl = floors(fresh, a, windows, gwin, device, bool(a.lazy)) if not a.skip_floor_passes else {
         "forward": float("nan"), "forward_backward": float("nan")}
-    res["stages"] = {k: {"s": v.seconds, "rss_gb": v.rss, "cuda_gb": v.cuda} for k, v in stages.items()}
     res["floors"] = {"forward": fl["forward"], "forward_backward": fl["forward_backward"], "decompositions": t_dec}
     res["total_s"] = total
     res["floor_total_s"] = fl["forward"] + fl["forward_backward"] + 2 * t_dec
@@ -285,18 +366,22 @@ def table(results: list[dict[str, Any]], out=sys.stdout) -> None:
               f"{r['floor_total_s']:.2f} | {r['total_s'] / r['floor_total_s']:.2f} | {rss:.2f} | "
               f"{r['held_gb']:.2f} | {rss - r['held_gb']:.2f} | {cuda:.2f} |",
               file=out)
-    if all("whole" in r for r in results):
-        print("\nStages that hold the whole model (peak RSS over building the resident compressed model and the "
-              "stage; streamed: the max over the streamed stages above):\n", file=out)
-        print("| blocks | streamed peak RSS GB | evaluation s | evaluation peak RSS GB | correction s | "
-              "correction peak RSS GB | compressed model GB | teacher GB |", file=out)
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
-        for r in results:
-            w = r["whole"]
-            rss = max(v["rss_gb"] for v in r["stages"].values())
-            print(f"| {r['layers']} | {rss:.2f} | {w['evaluation']['s']:.2f} | {w['evaluation']['rss_gb']:.2f} | "
-                  f"{w['correction']['s']:.2f} | {w['correction']['rss_gb']:.2f} | {w['model_gb']:.3f} | "
-                  f"{w['teacher_gb']:.3f} |", file=out)
+    if all("later" in r for r in results):
+        names = list(results[0]["stages"]) + list(results[0]["later"])
+        every = [{**r["stages"], **r["later"]} for r in results]
+        print("\nEvery stage, lazy load: seconds, and peak host RSS minus the results the stage holds by nature "
+              "(GB; held in parentheses):\n", file=out)
+        print("| blocks | " + " | ".join(names) + " |", file=out)
+        print("|---:|" + "---|" * len(names), file=out)
+        for r, e in zip(results, every):
+            print(f"| {r['layers']} | " + " | ".join(
+                f"{e[n]['s']:.1f} s, {e[n]['rss_gb'] - e[n]['held_gb']:.3f} ({e[n]['held_gb']:.3f})" for n in names)
+                + " |", file=out)
+        print("\nFlatness of RSS − held over depth (max / min over the depths − 1; the issue asks for at most 20 %):"
+              "\n", file=out)
+        for n in names:
+            v = [e[n]["rss_gb"] - e[n]["held_gb"] for e in every]
+            print(f"* {n}: {min(v):.3f} … {max(v):.3f} GB, {100 * (max(v) / min(v) - 1):+.1f} %", file=out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -321,8 +406,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-floor-passes", action="store_true", help="no resident forward/backward floors")
-    ap.add_argument("--whole-model-stages", action="store_true",
-                    help="also correction and evaluation, as their scripts run them (the whole model resident)")
+    ap.add_argument("--every-stage", action="store_true",
+                    help="also evaluation, correction, output_kl and quantize, streamed (needs --lazy)")
+    ap.add_argument("--kl-windows", type=int, default=4, help="output_kl windows (K backward passes each)")
+    ap.add_argument("--kl-top-k", type=int, default=5)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="sweep points with glibc's default (dynamic) mmap threshold")
     ap.add_argument("--json", action="store_true", help="print one JSON result instead of a table")
     ap.add_argument("--sweep-layers", default=None, help="comma list of depths, each in a fresh process")
     ap.add_argument("--sweep-windows", default=None, help="comma list of window counts (grad windows = half)")
@@ -331,6 +420,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    if a.every_stage and not a.lazy:
+        raise SystemExit("--every-stage measures the streamed stages of a lazy model: add --lazy")
     argv = list(sys.argv[1:] if argv is None else argv)
     if a.sweep_layers or a.sweep_windows:
         base = [x for i, x in enumerate(argv) if not x.startswith("--sweep") and
@@ -342,8 +433,9 @@ def main(argv: list[str] | None = None) -> None:
             points += [["--windows", v, "--grad-windows", str(max(1, int(v) // 2))] for v in a.sweep_windows.split(",")]
         results = []
         for extra in points:
+            env = dict(os.environ) if a.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             proc = subprocess.run([sys.executable, __file__, *base, *extra, "--json"], capture_output=True,
-                                  text=True)
+                                  text=True, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"point {extra} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -16,6 +16,9 @@ truncation with resume, refinement) goes through this module:
    from the checkpoint shards when the model is lazy: :mod:`lowrank.sharded`) and returns it to its home (or to
    ``meta``) after, whatever happens in between. :func:`stream_blocks` runs every block over every batch in
    order through it, advancing the boundary in place; :func:`for_each_block` calls a function per block.
+5. **Head.** ``with head_pass(model, device, as_tuple) as inject:`` the model's own forward runs only its stem
+   and its head (final norm, LM head, any logit scaling): every block passes through and the last returns the
+   hidden states given to ``inject``, so the logits of a streamed forward come from the model's own code.
 
 Only one block's weights and the boundary activations are resident at a time, never the whole model's
 activations: peak memory is flat in depth.
@@ -36,7 +39,7 @@ from .sharded import block_of, place_block, release_block
 
 __all__ = ["BlockInputs", "capture_block_inputs", "block_output", "move_stem", "stem_homes", "targets_by_block",
            "resident", "for_each_block", "stream_blocks", "OFFLOAD_MODES", "boundary_bytes", "resolve_offload",
-           "offload_block_inputs", "BoundaryStore"]
+           "offload_block_inputs", "BoundaryStore", "head_pass", "frozen_walk"]
 
 
 # ---- 1. capture of the block inputs ---------------------------------------------------------------------------
@@ -165,6 +168,27 @@ def stem_homes(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[nn.Modul
     return [(mod, own[0].device) for mod, own in _stem_modules(model, blocks)]
 
 
+@contextmanager
+def frozen_walk(model: nn.Module) -> Iterator[None]:
+    """A block walk's model state: eval mode and no parameter requiring grad inside; after, the flags, the mode
+    and the stem's devices (the stem helpers park it on CPU) as they were."""
+    _, blocks = find_blocks(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    homes = stem_homes(model, list(blocks))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for mod, dev in homes:
+            mod.to(dev)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
 def targets_by_block(targets: list[Target]) -> dict[int, list[Target]]:
     """``{block index: its targets}`` in the order given (blocks without targets are absent)."""
     by_block: dict[int, list[Target]] = {}
@@ -288,3 +312,47 @@ class BoundaryStore:
         """Free block ``i``'s inputs once the backward has passed it."""
         if i < len(self.h):
             self.h[i] = []
+
+
+# ---- 4. the head over the last boundary -----------------------------------------------------------------------
+
+
+class _Emit(nn.Module):
+    """Stand-in block for the head pass: the last one returns the injected hidden states, the others pass through."""
+
+    def __init__(self, inject: list[torch.Tensor | None], as_tuple: bool) -> None:
+        super().__init__()
+        self.inject, self.as_tuple = inject, as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        if self.inject[0] is not None:
+            h = self.inject[0]
+        return (h,) if self.as_tuple else h
+
+
+@contextmanager
+def head_pass(model: nn.Module, device: torch.device, as_tuple: bool
+              ) -> Iterator[Callable[[torch.Tensor | None], None]]:
+    """``with head_pass(model, device, as_tuple) as inject:`` ``inject(h_L)`` then ``model(input_ids=batch)``
+    returns the head's output on ``h_L`` (the last block's output for that batch): the stem runs on ``device``,
+    every block is a pass-through stand-in and the last one returns ``h_L``. Blocks and stem go back after."""
+    _, blocks = find_blocks(model)
+    originals = list(blocks)
+    n_blocks = len(blocks)
+    slot: list[torch.Tensor | None] = [None]
+
+    def inject(h: torch.Tensor | None) -> None:
+        slot[0] = h
+
+    moved = move_stem(model, originals, device)
+    try:
+        for i in range(n_blocks):
+            blocks[i] = _Emit(slot if i == n_blocks - 1 else [None], as_tuple)
+        yield inject
+    finally:
+        slot[0] = None
+        for i, blk in enumerate(originals):
+            blocks[i] = blk
+        for mod in moved:
+            mod.to("cpu")

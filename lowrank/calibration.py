@@ -15,7 +15,8 @@ Statistic kinds (:data:`STATS`; each is computed once per model and shared by ev
   input column, ``F_j = Σ_i F_ij`` with ``F_ij = (1/B) Σ_b (∂L_b/∂W_ij)²`` over ``B`` calibration batches
   (one window each by default: per-sequence gradients); FWSVD's scaling is ``d = (√F)^α``.
 * ``output_kl`` (IO-SVD): per target, the output-side metric ``C = (1/N) Σ_t Σ_{k∈top-K} p_{t,k} s sᵀ`` with
-  ``s = ∂log p_{t,k}/∂y`` (:mod:`lowrank.output_metric`; K backward passes per window, not streamed).
+  ``s = ∂log p_{t,k}/∂y`` (:mod:`lowrank.output_metric`; K backward passes per window, streamed block by
+  block when the model is lazy).
 * ``asvd_sensitivity`` (ASVD's rank choice, optional and expensive): calibration perplexity with one target
   alone truncated to each candidate keep ratio (:mod:`lowrank.sensitivity`).
 
@@ -228,5 +229,5 @@ STATS: dict[str, Stat] = {
     "act_scale": Stat(collect_act_scales, streamed=True),
     "fisher": Stat(collect_fisher, streamed=True),
     "asvd_sensitivity": Stat(collect_asvd_sensitivity, streamed=False),
-    "output_kl": Stat(collect_output_kl, streamed=False),
+    "output_kl": Stat(collect_output_kl, streamed=True),
 }

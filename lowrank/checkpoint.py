@@ -18,8 +18,9 @@ from torch import nn
 from . import __version__
 from .factorized import LowRankLinear
 from .io import load_tensors, read_json, save_tensors, write_json
-from .model import load_model, replace_module, swap_in_low_rank
+from .model import load_model, model_path, replace_module, swap_in_low_rank
 from .quantized_linear import QuantizedLinear
+from .sharded import attach_factors, load_lazy_model, streams
 
 __all__ = ["save_compressed", "load_compressed", "factor_state", "save_quantized", "QUANTIZED_FORMAT"]
 
@@ -67,24 +68,45 @@ def save_compressed(out_dir: str | os.PathLike, model: nn.Module, base_manifest_
     return manifest
 
 
+def _check_keys(model: nn.Module, names: Any, keys: Any, path: Path, what: str) -> None:
+    """``keys`` (of the file ``path``) must be exactly the state of the modules ``names`` of ``model``."""
+    expected = {f"{n}.{k}" for n in names for k in model.get_submodule(n).state_dict(keep_vars=True)}
+    if set(keys) != expected:
+        missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
+        raise ValueError(f"{what} {path} does not match its manifest (missing {missing}, unexpected {extra})")
+
+
 def _load_module_tensors(model: nn.Module, names: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, which must be exactly the state of the modules ``names`` of ``model``."""
     tensors, _ = load_tensors(path)
-    expected = {f"{n}.{k}" for n in names for k in model.get_submodule(n).state_dict()}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise ValueError(f"{what} {path} does not match its manifest (missing {missing}, unexpected {extra})")
+    _check_keys(model, names, tensors, path, what)
     return tensors
 
 
 def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> nn.Module:
-    """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict)."""
+                    device: torch.device | str = "cpu", lazy: bool | None = False) -> nn.Module:
+    """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict).
+
+    ``lazy`` (``None`` = when the base checkpoint does not fit in host memory or on ``device``,
+    :func:`lowrank.sharded.streams`): the base as a
+    lazy skeleton (:func:`lowrank.sharded.load_lazy_model`) whose factor (or int8) skeletons stay on ``meta`` too;
+    a block's factors are read from the factor file when the block is placed and dropped when it is released,
+    so host memory holds the stem and one block, whatever the depth. The model then stays on CPU.
+    """
     out_dir = Path(out_dir)
     manifest = read_json(out_dir / MANIFEST)
     if manifest.get("format") == QUANTIZED_FORMAT:
-        return _load_quantized(out_dir, manifest, dtype, device)
-    model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
+        return _load_quantized(out_dir, manifest, dtype, device, lazy)
+    base = out_dir / manifest["base_manifest"]
+    if streams(model_path(base), dtype, lazy, device=device):
+        model = load_lazy_model(model_path(base), dtype)
+        for name, rank in manifest["ranks"].items():
+            swap_in_low_rank(model, name, int(rank))
+        factors = out_dir / manifest["factors"]
+        keys = attach_factors(model, factors, list(manifest["ranks"]))
+        _check_keys(model, manifest["ranks"], keys, factors, "factor file")
+        return model.eval()
+    model = load_model(base, dtype=dtype, device="cpu")
     for name, rank in manifest["ranks"].items():
         swap_in_low_rank(model, name, int(rank))
     tensors = _load_module_tensors(model, manifest["ranks"], out_dir / manifest["factors"], "factor file")
@@ -136,11 +158,18 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, base_manifest_p
 
 
 def _load_quantized(out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype,
-                    device: torch.device | str) -> nn.Module:
-    model = load_model(out_dir / manifest["base_manifest"], dtype=dtype, device="cpu")
+                    device: torch.device | str, lazy: bool | None = False) -> nn.Module:
+    base = out_dir / manifest["base_manifest"]
+    streamed = streams(model_path(base), dtype, lazy, device=device)
+    model = load_lazy_model(model_path(base), dtype) if streamed else load_model(base, dtype=dtype, device="cpu")
     for name, lay in manifest["layouts"].items():
-        replace_module(model, name, QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"],
-                                                    bias=lay["bias"]))
+        new = QuantizedLinear(lay["in"], lay["out"], lay["rank"], lay["int8_rows"], bias=lay["bias"])
+        replace_module(model, name, new.to("meta") if streamed else new)
+    if streamed:  # each block's rows read with the block, in their stored dtypes
+        path = out_dir / manifest["factors"]
+        keys = attach_factors(model, path, list(manifest["layouts"]), cast=False)
+        _check_keys(model, manifest["layouts"], keys, path, "quantized file")
+        return model.eval()
     tensors = _load_module_tensors(model, manifest["layouts"], out_dir / manifest["factors"], "quantized file")
     model.load_state_dict(tensors, strict=False)  # buffers keep their stored dtypes (int8, float16, float32)
     return model.to(device).eval()

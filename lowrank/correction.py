@@ -14,19 +14,26 @@ length ``|⟨g, δ⟩| / ‖g‖``; it is never scaled by a learning rate.
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .blocks import resident, targets_by_block
 from .factorized import LowRankLinear
-from .gradients import calibration_gradients, calibration_loss
-from .model import Target, replace_module
+from .gradients import calibration_gradients, calibration_loss, streamed_gradients, streamed_loss
+from .io import load_tensors, save_tensors
+from .model import Target, linear_weight, replace_module
 from .runtime import progress
+from .sharded import attach_factors, is_lazy
 from .spaces import BoundSpace
 from .truncation import truncate
 
-__all__ = ["CorrectionConfig", "projected_step", "correct_model", "CorrectionResult"]
+__all__ = ["CorrectionConfig", "projected_step", "correct_model", "correct_streamed", "CorrectionResult"]
 
 
 @dataclass(frozen=True)
@@ -111,37 +118,148 @@ def correct_model(model: nn.Module, teacher: dict[str, torch.Tensor], targets: l
             # G is on the CPU and the teacher wherever it was loaded: bring both to the weight's device
             g = grads.G[t.name].to(W_k.device)
             W_T = teacher[t.name].to(W_k.device)
-            step = projected_step(W_k, W_T, g) - W_k.to(torch.float64)  # (⟨g, δ⟩/⟨g, g⟩) g
+            step, report[t.name] = _step_report(W_k, W_T, g)  # (⟨g, δ⟩/⟨g, g⟩) g
             bias = mod.bias.detach().clone() if mod.bias is not None else None
             steps[t.name] = (W_k.detach().clone(), step, bias, W_k.dtype)
-            delta = W_T.to(torch.float64) - W_k.to(torch.float64)
-            gg = float((g * g).sum())
-            report[t.name] = {"alpha": float((g * delta).sum()) / gg if gg > 0 else 0.0,
-                              "predicted_delta_loss": float((g * delta).sum())}
 
     def apply(scale: float) -> None:
         with torch.no_grad():
             for t in progress(factored, desc=f"re-truncate (step x{scale:g})"):
                 W_k, step, bias, dtype = steps[t.name]
-                S, T = space.factors(t.name)
-                W_new = (W_k.to(torch.float64) + scale * step).to(device)
-                f = truncate(W_new, ranks[t.name], None if S is None else S.to(device),
-                             None if T is None else T.to(device), method=space.decomposition)
-                replace_module(model, t.name, LowRankLinear.from_factors(f.A, f.B, bias, dtype=dtype).to(W_k.device))
+                new = _retruncated(W_k, step, scale, ranks[t.name], space, t.name, bias, dtype, device)
+                replace_module(model, t.name, new.to(W_k.device))
+
+    def trial(scale: float) -> float:
+        apply(scale)
+        return calibration_loss(model, judged, batch_size, device)
 
     judged = windows if judge is None else judge
     loss_before = grads.loss if judge is None else calibration_loss(model, judge, batch_size, device)
-    trials: list[tuple[float, float]] = []
-    kept_scale, loss_after = 0.0, loss_before
-    for j in range(backtrack + 1):
-        scale = 0.5**j
-        apply(scale)
-        loss = calibration_loss(model, judged, batch_size, device)
-        trials.append((scale, loss))
-        if loss < loss_before:
-            kept_scale, loss_after = scale, loss
-            break
-    else:
+    result = _backtracked(report, loss_before, backtrack, trial)
+    if result.scale == 0.0:
         for name, mod in previous.items():  # no scale lowered the loss: put the previous factors back as they were
             replace_module(model, name, mod)
-    return CorrectionResult(report, loss_before, loss_after, kept_scale, trials)
+    return result
+
+
+def _retruncated(W_k: torch.Tensor, step: torch.Tensor, scale: float, rank: int, space: BoundSpace, name: str,
+                 bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str) -> LowRankLinear:
+    """The rank-``rank`` truncation of ``W_k + scale · step`` in ``space`` (on ``device``)."""
+    S, T = space.factors(name)
+    W_new = (W_k.to(torch.float64) + scale * step).to(device)
+    f = truncate(W_new, rank, None if S is None else S.to(device), None if T is None else T.to(device),
+                 method=space.decomposition)
+    return LowRankLinear.from_factors(f.A, f.B, bias, dtype=dtype)
+
+
+def _backtracked(report: dict[str, dict[str, float]], loss_before: float, backtrack: int,
+                 trial: Callable[[float], float]) -> CorrectionResult:
+    """Scales ``1, 1/2, …, 2^-backtrack`` in turn (``trial(scale)`` re-truncates and returns the judged loss)
+    until one is below ``loss_before``; scale 0 when none is (the caller puts the previous factors back)."""
+    trials: list[tuple[float, float]] = []
+    for j in range(backtrack + 1):
+        scale = 0.5**j
+        loss = trial(scale)
+        trials.append((scale, loss))
+        if loss < loss_before:
+            return CorrectionResult(report, loss_before, loss, scale, trials)
+    return CorrectionResult(report, loss_before, loss_before, 0.0, trials)
+
+
+def _step_report(W_k: torch.Tensor, W_T: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The projected step ``(⟨g, δ⟩/⟨g, g⟩) g`` (float64) and its diagnostics (``alpha``, the predicted change)."""
+    step = projected_step(W_k, W_T, g) - W_k.to(torch.float64)
+    delta = W_T.to(torch.float64) - W_k.to(torch.float64)
+    gg = float((g * g).sum())
+    return step, {"alpha": float((g * delta).sum()) / gg if gg > 0 else 0.0,
+                  "predicted_delta_loss": float((g * delta).sum())}
+
+
+def correct_streamed(model: nn.Module, teacher: nn.Module, targets: list[Target], windows: torch.Tensor,
+                     batch_size: int, space: BoundSpace, device: torch.device | str, workdir: str | os.PathLike,
+                     backtrack: int = 3, judge: torch.Tensor | None = None) -> CorrectionResult:
+    """:func:`correct_model` of a lazy compressed model (:func:`lowrank.checkpoint.load_compressed` with
+    ``lazy``), one decoder block resident at a time: the same steps, trials and factors.
+
+    ``teacher``: the dense model (lazy too), read one block at a time. Host memory holds one block, the
+    boundaries of the streamed passes and the new factors (the result); the model-sized intermediates go to
+    ``workdir`` (disk): each block's densified weights ``W_k`` and its steps.
+
+    1. Densify: every factored target becomes the dense ``A B`` (as :func:`correct_model` does in memory),
+       written per block to ``workdir`` and read back with the block like any lazy weight.
+    2. Gradients (:func:`lowrank.gradients.streamed_gradients`, the same pass :func:`correct_model` runs): as
+       each block's ``G`` is complete, the block's steps are formed against the teacher block and written.
+    3. Trials: each scale's re-truncation runs block by block inside the streamed forward that judges it
+       (:func:`lowrank.gradients.streamed_loss`); the new factors stay in CPU memory. When no scale lowers the
+       loss the previous factors are put back (read from their file into CPU memory).
+    """
+    if not is_lazy(model):
+        raise ValueError("correct_streamed needs a lazy model (load_compressed(..., lazy=True)); else correct_model")
+    device = torch.device(device)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    by_block = targets_by_block([t for t in targets if isinstance(model.get_submodule(t.name), LowRankLinear)])
+    previous: dict[str, LowRankLinear] = {}
+    ranks: dict[str, int] = {}
+    for i, tl in by_block.items():  # 1. densify, block by block
+        with resident(model, i, "cpu"):
+            dense = {}
+            for t in tl:
+                mod = model.get_submodule(t.name)
+                previous[t.name], ranks[t.name] = mod, mod.rank
+                lin = mod.to_dense()
+                dense.update({f"{t.name}.{k}": v for k, v in lin.state_dict().items()})
+        save_tensors(workdir / f"dense_{i}.safetensors", dense)
+        for t in tl:
+            replace_module(model, t.name, _meta_linear(previous[t.name]))
+        attach_factors(model, workdir / f"dense_{i}.safetensors", [])
+    factored = [t for tl in by_block.values() for t in tl]
+    report: dict[str, dict[str, float]] = {}
+
+    def steps_of(i: int, G_i: dict[str, torch.Tensor], _F: dict[str, torch.Tensor] | None) -> None:
+        out: dict[str, torch.Tensor] = {}
+        with resident(teacher, i, "cpu"):
+            for t in by_block.get(i, []):
+                W_k = model.get_submodule(t.name).weight.detach()
+                g = G_i[t.name].to(W_k.device)
+                W_T = linear_weight(teacher.get_submodule(t.name)).detach().to(W_k.device)
+                step, report[t.name] = _step_report(W_k, W_T, g)
+                out[f"{t.name}.W_k"], out[f"{t.name}.step"] = W_k, step
+        if out:
+            save_tensors(workdir / f"step_{i}.safetensors", out)
+
+    grads = streamed_gradients(model, windows, batch_size, device, targets=factored, on_block=steps_of, keep=False)
+    dtype = next(iter(previous.values())).up.weight.dtype if previous else torch.float32
+
+    def trial(scale: float) -> float:
+        def on_block(i: int, block: nn.Module) -> None:  # block i resident: its targets re-truncated here
+            if i not in by_block:
+                return
+            saved, _ = load_tensors(workdir / f"step_{i}.safetensors")
+            for t in by_block[i]:
+                mod = model.get_submodule(t.name)
+                bias = None if mod.bias is None else mod.bias.detach().clone()
+                new = _retruncated(saved[f"{t.name}.W_k"], saved[f"{t.name}.step"], scale, ranks[t.name], space,
+                                   t.name, bias, dtype, device)
+                replace_module(model, t.name, new.to(device))
+
+        return streamed_loss(model, judged, batch_size, device, on_block=on_block)
+
+    judged = windows if judge is None else judge
+    loss_before = grads.loss if judge is None else streamed_loss(model, judge, batch_size, device)
+    report = {t.name: report[t.name] for t in targets if t.name in report}  # target order, as correct_model's
+    result = _backtracked(report, loss_before, backtrack, trial)
+    if result.scale == 0.0:  # no scale lowered the loss: the previous factors, read from their file, as the result
+        for i, tl in by_block.items():
+            for t in tl:
+                replace_module(model, t.name, previous[t.name])
+            with resident(model, i, "cpu"):
+                for t in tl:
+                    replace_module(model, t.name, copy.deepcopy(previous[t.name]))
+    return result
+
+
+def _meta_linear(mod: LowRankLinear) -> nn.Linear:
+    """A dense ``nn.Linear`` skeleton of ``mod``'s shape on ``meta`` (its weights read from a file on placement)."""
+    return nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=mod.up.weight.dtype,
+                     device="meta")

@@ -16,25 +16,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accounting import dense_params
+from .blocks import capture_block_inputs, head_pass, offload_block_inputs, stream_blocks
 from .factorized import LowRankLinear
 from .model import find_targets
 from .runtime import progress
+from .sharded import is_lazy
 
 __all__ = ["perplexity", "model_size", "storage_bytes", "tokens_per_second"]
 
 
+def _window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihoods ``[b, T-1]`` (float32 log-softmax of the logits)."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -lp.gather(-1, batch[:, 1:, None]).squeeze(-1)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-               device: torch.device | str = "cpu") -> dict[str, Any]:
-    """``exp(Σ CE / #predictions)`` over ``windows`` (LongTensor[w, T]); also the mean NLL and counts."""
+               device: torch.device | str = "cpu", streamed: bool | None = None) -> dict[str, Any]:
+    """``exp(Σ CE / #predictions)`` over ``windows`` (LongTensor[w, T]); also the mean NLL and counts.
+
+    ``streamed`` (default: when the model is lazy, :mod:`lowrank.sharded`): one decoder block resident at a
+    time (:func:`lowrank.blocks.stream_blocks` over the captured block inputs of every batch, then the model's
+    own head on the last boundary), the same numbers as the whole-model forward up to float order. Host memory:
+    the stem, one block and one boundary activation of every window, whatever the depth.
+    """
     model.eval()
-    total_nll, total_tokens, nonfinite = 0.0, 0, 0
+    streamed = is_lazy(model) if streamed is None else streamed
     starts = range(0, windows.shape[0], batch_size)
-    for s in progress(starts, desc="perplexity", total=len(starts)):
-        batch = windows[s : s + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
-        lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -lp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # [b, T-1]
+    nlls: list[torch.Tensor] = []
+    if streamed:
+        device = torch.device(device)
+        inputs = capture_block_inputs(model, windows, batch_size, device)
+        offload_block_inputs(inputs, device)
+        stream_blocks(model, inputs, device, desc="perplexity")
+        with head_pass(model, device, inputs.as_tuple) as inject:
+            for b, s in enumerate(starts):
+                batch = windows[s : s + batch_size].to(device)
+                inject(inputs.hidden[b].to(device))
+                nlls.append(_window_nll(model(input_ids=batch, use_cache=False).logits, batch))
+                inputs.hidden[b] = inputs.hidden[b][:0]  # this batch's boundary is no longer needed
+    else:
+        for s in progress(starts, desc="perplexity", total=len(starts)):
+            batch = windows[s : s + batch_size].to(device)
+            nlls.append(_window_nll(model(input_ids=batch, use_cache=False).logits, batch))  # logits [b, T, V]
+    total_nll, total_tokens, nonfinite = 0.0, 0, 0
+    for nll in nlls:
         bad = ~torch.isfinite(nll).all(dim=1)
         nonfinite += int(bad.sum())
         total_nll += float(nll.double().sum())
@@ -55,9 +82,10 @@ def model_size(model: nn.Module) -> dict[str, int]:
     seen: set[int] = set()
     total, total_bytes = 0, 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        key = id(p) if p.is_meta else p.data_ptr()  # a lazy model's blocks are on meta (no storage)
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         total += p.numel()
         total_bytes += p.numel() * p.element_size()
     target_params, target_bytes, factored = 0, 0, 0

@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, move_stem, resident,
-                     resolve_offload, stem_homes, targets_by_block)
+from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, frozen_walk, head_pass,
+                     offload_block_inputs, resident, resolve_offload, stream_blocks, targets_by_block)
 from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 
 __all__ = ["TargetGradients", "calibration_gradients", "causal_lm_loss", "calibration_loss", "streamed_gradients",
-           "TokenProbe", "FisherMode"]
+           "streamed_loss", "TokenProbe", "FisherMode"]
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +181,24 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int,
     return total / count
 
 
-class _Emit(nn.Module):
-    """Stand-in block for the head pass: the last one returns the injected hidden states, the others pass through."""
-
-    def __init__(self, inject: list[torch.Tensor | None], as_tuple: bool) -> None:
-        super().__init__()
-        self.inject, self.as_tuple = inject, as_tuple
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        if self.inject[0] is not None:
-            h = self.inject[0]
-        return (h,) if self.as_tuple else h
+@torch.no_grad()
+def streamed_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
+                  on_block: Callable[[int, nn.Module], Callable[[], None] | None] | None = None) -> float:
+    """:func:`calibration_loss` with one decoder block resident at a time (:func:`lowrank.blocks.stream_blocks`
+    over the captured block inputs, then the model's own head): the same number up to float order.
+    ``on_block(i, block)`` runs when block ``i`` is resident, before it runs (e.g. to swap in new factors)."""
+    device = torch.device(device)
+    inputs = capture_block_inputs(model, windows, batch_size, device)
+    offload_block_inputs(inputs, device)
+    stream_blocks(model, inputs, device, on_block=on_block, desc="loss")
+    total, count = 0.0, 0
+    with head_pass(model, device, inputs.as_tuple) as inject:
+        for b, s in enumerate(range(0, windows.shape[0], batch_size)):
+            inject(inputs.hidden[b].to(device))
+            loss, n = causal_lm_loss(model, windows[s : s + batch_size].to(device))
+            total += float(loss) * n
+            count += n
+    return total / count
 
 
 @dataclass
@@ -281,16 +287,10 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
     n_blocks = len(blocks)
     by_block = targets_by_block(targets)
     total = windows.shape[0] * (windows.shape[1] - 1)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     G_out: dict[str, torch.Tensor] = {}
     F_out: dict[str, torch.Tensor] = {}
     loss_sum = 0.0
-    homes = stem_homes(model, list(blocks))  # the stem helpers park it on CPU: put it back where it was
-    try:
+    with frozen_walk(model):
         # 1. stem: every block's call arguments and block 0's inputs, per batch
         inputs = capture_block_inputs(model, windows, batch_size, device)
         n_batches = len(inputs.hidden)
@@ -312,27 +312,17 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                         store.put(i + 1, b, block_output(blk(store.get(i, b), *args, **kwargs)))
         # 3. head: δ_L = ∂L_b/∂h_L through the model's own final norm and LM head
         deltas: list[torch.Tensor] = []
-        inject: list[torch.Tensor | None] = [None]
-        originals = list(blocks)
-        moved = move_stem(model, originals, device)
-        try:
-            for i in range(n_blocks):
-                blocks[i] = _Emit(inject if i == n_blocks - 1 else [None], as_tuple)
+        with head_pass(model, device, as_tuple) as inject:
             for b, s in enumerate(range(0, windows.shape[0], batch_size)):
                 batch = windows[s : s + batch_size].to(device)
                 hL = store.get(n_blocks, b).detach().requires_grad_(True)
-                inject[0] = hL
+                inject(hL)
                 with torch.enable_grad():
                     loss, n_b = causal_lm_loss(model, batch)
                     (d,) = torch.autograd.grad(loss, [hL])
                 loss_sum += float(loss.detach()) * n_b
                 deltas.append(d.detach())
-                inject[0] = None
-        finally:
-            for i, blk in enumerate(originals):
-                blocks[i] = blk
-            for mod in moved:
-                mod.to("cpu")
+                inject(None)
         store.drop(n_blocks)
         weights_n = [(s, (windows[s : s + batch_size].shape[0]) * (windows.shape[1] - 1))
                      for s in range(0, windows.shape[0], batch_size)]
@@ -400,12 +390,6 @@ def streamed_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int,
                 G_out.update(G_i)
                 if F_i is not None:
                     F_out.update(F_i)
-    finally:
-        for mod, dev in homes:
-            mod.to(dev)
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
     order = [t.name for t in targets]
     G_sorted = {n: G_out[n] for n in order if n in G_out}
     F_sorted = {n: F_out[n] for n in order if n in F_out} if fisher_mode != "none" else None

@@ -28,8 +28,10 @@ ranks (:func:`quantize_model`), so the summary's ranks describe the evaluated mo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -38,8 +40,11 @@ from .accounting import (LAYOUTS, QUANTIZERS, Layout, TargetShape, bias_bytes, b
                          dense_fp16_bytes, dense_layout, hq_layout, layout_bytes, matrix_bytes, matrix_shapes,
                          remap_layout)
 from .allocation import allocate_bytes, byte_accounting, check_allocation, greedy_byte_ranks
-from .model import linear_bias, linear_weight, replace_module
+from .blocks import for_each_block, targets_by_block
+from .io import save_tensors
+from .model import linear_bias, linear_weight, replace_module, weight_is_transposed
 from .quantized_linear import FLOAT_STORAGE, QMAX, QuantizedLinear, dequantize_rows, quantize_rows
+from .sharded import attach_factors, is_lazy
 from .spaces import BoundSpace
 from .truncation import truncate
 
@@ -153,8 +158,8 @@ class QuantizeResult:
 def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: float,
                    ranks: Mapping[str, int | None], space: BoundSpace,
                    gradients_of: Callable[[Any], Any] | None = None,
-                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None
-                   ) -> QuantizeResult:
+                   device: torch.device | str = "cpu", directions: Mapping[str, Any] | None = None,
+                   workdir: str | os.PathLike | None = None) -> QuantizeResult:
     """Truncate to the byte-budget ``ranks``, choose int8 rows, swap in ``QuantizedLinear`` (in place).
 
     ``ranks``: the int8 recipe's allocation (:func:`allocate_bytes`, made by the allocate stage: the ranks the
@@ -165,7 +170,12 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
     called (``loss_aware`` calls it with the truncated products in the dense weights). Nothing is swapped when
     the ranks do not fit the budget (the ``ValueError`` comes before any change). ``directions``: the targets'
     unwhitened component directions in that space computed before (:func:`lowrank.truncation.decompose_targets`,
-    stored: :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them."""
+    stored: :class:`lowrank.decompose.StoredDecompositions`); the ranks are cut from them.
+
+    A lazy ``model`` (:mod:`lowrank.sharded`) is cut one block at a time, its quantized targets kept in CPU
+    memory; ``loss_aware`` then writes the truncated products to ``workdir`` per block (read back with the
+    block) and calls ``gradients_of(model, on_block=...)`` (:func:`lowrank.gradients.streamed_gradients`'s
+    callback), scoring each block's rows as its gradients complete. Same numbers as the model in memory."""
     mode = check_mode(mode)
     if mode == "loss_aware" and gradients_of is None:
         raise ValueError("quantization mode loss_aware needs calibration gradients")
@@ -180,31 +190,62 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         raise ValueError(f"the ranks store {layout_total} bytes in the {mode} layout, over the byte budget {budget} "
                          f"of kept fraction {kept_fraction}; they are not this recipe's byte allocation "
                          "(lowrank.quantization.allocate_bytes): rerun allocate")
+    lazy = is_lazy(model)
+    if lazy and mode == "loss_aware" and workdir is None:
+        raise ValueError("loss_aware quantization of a lazy model needs a workdir for the truncated weights")
     mats: dict[str, dict[str, torch.Tensor]] = {}
-    for t in targets:
-        mod = model.get_submodule(t.name)
-        W = linear_weight(mod).detach()
-        k = ranks[t.name]
-        if k is None:
-            mats[t.name] = {"weight": W.to(torch.float32).cpu()}
-            continue
-        if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
-            f = truncate(W.to(device), k, directions=directions[t.name])
-        else:
-            S, T = space.factors(t.name)
-            f = truncate(W.to(device), k, S, T, method=space.decomposition)
-        mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
+    biases: dict[str, torch.Tensor | None] = {}
+
+    def cut(i: int, tl: list[Any]) -> None:
+        for t in tl:
+            mod = model.get_submodule(t.name)
+            W = linear_weight(mod).detach()
+            bias = linear_bias(mod)
+            biases[t.name] = None if bias is None else bias.detach().clone().to("cpu" if lazy else bias.device)
+            k = ranks[t.name]
+            if k is None:
+                mats[t.name] = {"weight": W.to(torch.float32).cpu()}
+                continue
+            if directions is not None and t.name in directions:  # stored directions: no whitening factor needed
+                f = truncate(W.to(device), k, directions=directions[t.name])
+            else:
+                S, T = space.factors(t.name)
+                f = truncate(W.to(device), k, S, T, method=space.decomposition)
+            mats[t.name] = {"down": f.B.to(torch.float32).cpu(), "up": f.A.to(torch.float32).cpu()}
+
+    if lazy:  # one block resident at a time (read from the checkpoint's shards); the factors kept in CPU memory
+        for_each_block(model, targets, device, cut)
+    else:
+        cut(-1, targets)
     diagnostics: dict[str, Any] = {"ranks": ranks}
     if mode == "loss_aware":
-        for t in targets:  # the gradient at the truncated (float) weights
-            if ranks[t.name] is not None:
-                mod = model.get_submodule(t.name)
-                W = mats[t.name]["up"] @ mats[t.name]["down"]
-                linear_weight(mod).copy_(W)  # m×n view in either orientation (nn.Linear / Conv1D)
-        with torch.enable_grad():
-            grads = gradients_of(model)
-        deltas = {t.name: row_scores(mats[t.name].get("weight", mats[t.name].get("up")),
-                                     mats[t.name].get("down"), grads.G[t.name]) for t in targets}
+        deltas: dict[str, dict[str, torch.Tensor]] = {}
+
+        def score(tl: list[Any], G: dict[str, torch.Tensor]) -> None:
+            deltas.update({t.name: row_scores(mats[t.name].get("weight", mats[t.name].get("up")),
+                                              mats[t.name].get("down"), G[t.name]) for t in tl})
+
+        if lazy:  # the truncated products written per block and read back with it; each block scored as it ends
+            by_block = targets_by_block(targets)
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            for i, tl in by_block.items():
+                path = Path(workdir) / f"truncated_{i}.safetensors"
+                save_tensors(path, {f"{t.name}.weight": _stored_orientation(model.get_submodule(t.name),
+                                                                            mats[t.name]["up"] @ mats[t.name]["down"])
+                                    for t in tl if ranks[t.name] is not None})
+                attach_factors(model, path, [])
+            with torch.enable_grad():
+                grads = gradients_of(model, on_block=lambda i, G_i, _F: score(by_block.get(i, []), G_i))
+        else:
+            for t in targets:  # the gradient at the truncated (float) weights
+                if ranks[t.name] is not None:
+                    mod = model.get_submodule(t.name)
+                    W = mats[t.name]["up"] @ mats[t.name]["down"]
+                    linear_weight(mod).copy_(W)  # m×n view in either orientation (nn.Linear / Conv1D)
+            with torch.enable_grad():
+                grads = gradients_of(model)
+            score(targets, grads.G)
+        deltas = {t.name: deltas[t.name] for t in targets}
         masks, _ = select_rows_loss_aware(deltas, shapes, ranks, budget)
         picked = torch.cat([d[key][masks[n][key]] for n, d in deltas.items() for key in d])
         diagnostics.update({"calibration_loss_truncated": grads.loss, "int8_rows": int(picked.numel()),
@@ -219,7 +260,11 @@ def quantize_model(model: Any, targets: list[Any], mode: str, kept_fraction: flo
         raise RuntimeError(f"accounted {accounted} bytes exceed the budget {budget}")
     for t in targets:
         mod = model.get_submodule(t.name)
-        bias = linear_bias(mod)
-        new = QuantizedLinear.from_matrices(mats[t.name], masks[t.name], None if bias is None else bias.detach())
-        replace_module(model, t.name, new.to(linear_weight(mod).device))
+        new = QuantizedLinear.from_matrices(mats[t.name], masks[t.name], biases[t.name])
+        replace_module(model, t.name, new.to("cpu" if lazy else linear_weight(mod).device))
     return QuantizeResult(layouts, accounted, budget, dense_total, diagnostics)
+
+
+def _stored_orientation(mod: Any, W: torch.Tensor) -> torch.Tensor:
+    """``W`` (m×n, ``y = W x``) as ``mod`` stores its weight (``Conv1D``: transposed)."""
+    return W.T.contiguous() if weight_is_transposed(mod) else W

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from .factorized import LowRankLinear
 from .model import find_blocks, load_model, model_path
 
 __all__ = ["lazy_setting", "ShardedCheckpoint", "load_lazy_model", "is_lazy", "block_of", "place_block",
-           "release_block", "checkpoint_bytes", "load_model_streaming"]
+           "release_block", "checkpoint_bytes", "load_model_streaming", "streams", "attach_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class ShardedCheckpoint:
         else:
             raise FileNotFoundError(f"{self.folder} holds no model.safetensors(.index.json): lazy loading needs a "
                                     "safetensors checkpoint (convert it with save_pretrained(safe_serialization=True))")
+        self.raw: set[str] = set()  # keys read in their stored dtype
 
     def load(self, names: list[str], device: torch.device | str, dtype: torch.dtype | None
              ) -> dict[str, torch.Tensor]:
@@ -68,10 +69,26 @@ class ShardedCheckpoint:
             with safe_open(str(self.folder / fname), framework="pt", device="cpu") as f:
                 for k in keys:
                     t = f.get_tensor(k)
-                    if dtype is not None and t.is_floating_point():
+                    if dtype is not None and t.is_floating_point() and k not in self.raw:
                         t = t.to(dtype)
                     out[k] = t.to(device)
         return out
+
+    def add_file(self, path: str | os.PathLike, cast: bool = True) -> list[str]:
+        """Also read every tensor of the safetensors file ``path`` (e.g. a compressed model's factors) from it;
+        ``cast=False``: its tensors keep their stored dtypes (int8 rows, float16, float32 scales). Returns its
+        keys."""
+        from safetensors import safe_open
+
+        path = Path(path).resolve()
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        self.weight_map.update({k: str(path) for k in keys})  # absolute: folder / path is path
+        if cast:
+            self.raw.difference_update(keys)
+        else:
+            self.raw.update(keys)
+        return keys
 
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
@@ -97,6 +114,7 @@ class _Lazy:
     checkpoint: ShardedCheckpoint
     prefix: str
     dtype: torch.dtype
+    stored: set[int] = field(default_factory=set)  # ids of LowRankLinear modules read from a file (re-readable)
 
 
 def is_lazy(model: nn.Module) -> bool:
@@ -150,20 +168,37 @@ def place_block(model: nn.Module, i: int, device: torch.device | str) -> torch.d
 
 
 def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
-    """Return block ``i`` to ``home``; a lazy block goes back to ``meta``, except its ``LowRankLinear`` factors
-    (the compressed result, kept on CPU)."""
+    """Return block ``i`` to ``home``; a lazy block goes back to ``meta``, except the ``LowRankLinear`` factors
+    made since it was placed (the compressed result, kept on CPU); factors read from a file go back too."""
     _, block = _block_keys(model, i)
     if torch.device(home).type != "meta":
         block.to(home)
         return
-    for mod in block.modules():
-        if isinstance(mod, LowRankLinear):
-            mod.to("cpu")
-    keep = {id(p) for m in block.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    lazy = getattr(model, _LAZY_ATTR)
+    results = [m for m in block.modules() if isinstance(m, LowRankLinear) and id(m) not in lazy.stored]
+    for mod in results:
+        mod.to("cpu")
+    keep = {id(p) for m in results for p in m.parameters()}
     for mod in block.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
             if id(p) not in keep:
                 setattr(mod, name, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+        if id(mod) in lazy.stored:  # its buffers (int8 rows) were read from a file too
+            for sub in mod.modules():
+                for name, b in list(sub._buffers.items()):
+                    if b is not None:
+                        sub._buffers[name] = b.to("meta")
+
+
+def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str], cast: bool = True) -> list[str]:
+    """Read the modules ``names`` of a lazy ``model`` (on ``meta``: ``LowRankLinear`` factors, ``QuantizedLinear``
+    rows) from the safetensors file ``path`` with their block, and send them back to ``meta`` after it, like the
+    dense weights (``cast``: to the model's dtype, as the dense weights; else as stored); returns the file's
+    keys."""
+    lazy = getattr(model, _LAZY_ATTR)
+    keys = lazy.checkpoint.add_file(path, cast)
+    lazy.stored.update(id(model.get_submodule(n)) for n in names)
+    return keys
 
 
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
@@ -194,13 +229,26 @@ def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = 
     """The model on CPU for a streamed stage: lazy (:func:`load_lazy_model`) when ``lazy`` or, with
     ``lazy=None``, when the checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory."""
     folder = model_path(manifest_path)
-    if lazy is None:
-        try:
-            ckpt = ShardedCheckpoint(folder)
-        except FileNotFoundError:
-            return load_model(manifest_path, dtype=dtype)
-        need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
-        lazy = need > fraction * _available_bytes()
-        log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
-                 else "fits in memory")
-    return load_lazy_model(folder, dtype) if lazy else load_model(manifest_path, dtype=dtype)
+    return load_lazy_model(folder, dtype) if streams(folder, dtype, lazy, fraction) else load_model(
+        manifest_path, dtype=dtype)
+
+
+def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fraction: float = 0.5,
+            device: torch.device | str | None = None, device_free: int | None = None) -> bool:
+    """Whether the model in ``folder`` is loaded lazily: ``lazy`` when given, else (``None``) when its
+    checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory (never without safetensors)
+    or, for a stage whose in-memory path puts the whole model on a CUDA ``device`` (evaluation, correction,
+    quantize), ``fraction`` of that device's free memory (``device_free``: those bytes, else asked of CUDA)."""
+    if lazy is not None:
+        return lazy
+    try:
+        ckpt = ShardedCheckpoint(folder)
+    except FileNotFoundError:
+        return False
+    need = ckpt.total_numel() * torch.empty((), dtype=dtype).element_size()
+    if device_free is None and device is not None and torch.device(device).type == "cuda":
+        device_free = int(torch.cuda.mem_get_info(torch.device(device))[0])
+    lazy = need > fraction * _available_bytes() or (device_free is not None and need > fraction * device_free)
+    log.info("model %s: ~%.1f GB in %s, %s", folder, need / 1e9, dtype, "lazy (block by block)" if lazy
+             else "fits in memory")
+    return lazy

@@ -17,6 +17,7 @@ rule correct:
     params:
         method=lambda wc: {k: method_spec(wc)[k] for k in ("whitening", "correction")},
         damping=config["whitening"]["damping"],
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
         runtime=runtime_spec,
         core=code_fingerprint("correct"),
     wildcard_constraints:

@@ -12,6 +12,7 @@ rule evaluate_source:
         "results/{model}/{source}/eval/ppl.json",
     params:
         batch_size=config["evaluation"]["batch_size"],
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
         runtime=runtime_spec,
         core=code_fingerprint("evaluate_ppl"),
     log:
@@ -36,6 +37,7 @@ rule evaluate_compressed:
         "results/{model}/{method}/{ratio}/eval/ppl.json",
     params:
         batch_size=config["evaluation"]["batch_size"],
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
         runtime=runtime_spec,
         core=code_fingerprint("evaluate_ppl"),
     log:

@@ -21,6 +21,7 @@ rule quantize:
         damping=config["whitening"]["damping"],
         decomposition=config["decomposition"]["method"],
         ratio=ratio_value,
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
         runtime=runtime_spec,
         core=code_fingerprint("quantize"),
     log:

@@ -1,16 +1,18 @@
 """Rule quantize: the byte-budget ranks of allocation.json, factors, int8 rows; writes final/model.safetensors."""
 
+import tempfile
 from pathlib import Path
 
-from _adapter import load_stats, stage
+from _adapter import lazy_load, load_stats, stage
 
 from lowrank.allocation import check_allocation
 from lowrank.checkpoint import save_quantized
 from lowrank.decompose import StoredDecompositions
-from lowrank.gradients import calibration_gradients
+from lowrank.gradients import streamed_gradients
 from lowrank.io import load_tensors, read_json
-from lowrank.model import find_targets, load_model
+from lowrank.model import find_targets, load_model, model_path
 from lowrank.quantization import FLOAT_STORAGE, QuantizeConfig, quantize_model
+from lowrank.sharded import load_lazy_model, streams
 from lowrank.spaces import bind
 
 
@@ -18,15 +20,25 @@ def run(smk) -> None:
     with stage(smk) as st:
         method, ratio, damping = dict(smk.params.method), float(smk.params.ratio), smk.params.damping
         q, space = QuantizeConfig(**method["quantize"]), method["whitening"]
-        model = load_model(smk.input.manifest, dtype=st.dtype, device=st.device)
+        # lazy (runtime.lazy_load, or larger than host or device memory): one block at a time from the shards
+        folder = model_path(smk.input.manifest)
+        lazy = streams(folder, st.dtype, lazy_load(smk), device=st.device)
+        model = load_lazy_model(folder, st.dtype) if lazy else load_model(smk.input.manifest, dtype=st.dtype,
+                                                                           device=st.device)
         targets = find_targets(model)
         ranks = check_allocation(read_json(smk.input.allocation), q.mode, ratio)
         stats = load_stats(smk)
         windows = load_tensors(smk.input.windows)[0]["tokens"][: q.gradient_windows]
-        res = quantize_model(
-            model, targets, q.mode, ratio, ranks, bind(space, stats, damping, smk.params.decomposition, st.device),
-            lambda m: calibration_gradients(m, windows, q.gradient_batch_size, st.device, targets), st.device,
-            StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None)
+
+        def gradients_of(m, on_block=None):  # streamed; on_block: each block's gradients as they complete
+            return streamed_gradients(m, windows, q.gradient_batch_size, st.device, targets, on_block=on_block,
+                                      keep=on_block is None)
+
+        with tempfile.TemporaryDirectory(dir=Path(smk.output.manifest).parent, prefix=".quantize-") as work:
+            res = quantize_model(
+                model, targets, q.mode, ratio, ranks, bind(space, stats, damping, smk.params.decomposition,
+                                                           st.device), gradients_of, st.device,
+                StoredDecompositions(smk.input.svd) if "svd" in smk.input.keys() else None, workdir=work)
         frac = res.accounted_bytes / res.dense_bytes
         st.log.info("%s: %d of %d budget bytes (%.4f of the dense float16 targets); %d factored, %d dense",
                     q.mode, res.accounted_bytes, res.budget_bytes, frac,

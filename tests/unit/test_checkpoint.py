@@ -150,3 +150,32 @@ def test_load_model_absolute_and_relative_paths(compressed, tmp_path):
     assert not model.training
     ref = compressed["base"].state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_lazy_reload_streams_the_same_perplexity(compressed):
+    """A lazy compressed model: blocks and factors on meta until placed, factors read from the factor file with
+    their block and dropped after it; its streamed perplexity and sizes equal the whole-model ones."""
+    from lowrank.evaluation import model_size, perplexity
+    from lowrank.model import find_blocks
+    from lowrank.sharded import is_lazy
+
+    whole = load_compressed(compressed["out"])
+    lazy = load_compressed(compressed["out"], lazy=True)
+    assert is_lazy(lazy) and not is_lazy(whole)
+    _, blocks = find_blocks(lazy)
+    assert all(p.is_meta for b in blocks for p in b.parameters())
+    windows = torch.randint(0, 256, (5, 20), generator=torch.Generator().manual_seed(8))
+    ref = perplexity(whole, windows, batch_size=2)
+    got = perplexity(lazy, windows, batch_size=2)  # streamed: the model is lazy
+    assert got["tokens"] == ref["tokens"] == 5 * 19 and got["nonfinite_windows"] == 0
+    assert got["nll"] == pytest.approx(ref["nll"], rel=1e-6)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    assert all(p.is_meta for b in blocks for p in b.parameters())  # every block released, factors too
+    assert model_size(lazy) == model_size(whole)
+
+
+def test_lazy_reload_checks_the_factor_keys(compressed, tmp_path):
+    def drop(t):
+        del t["model.layers.1.mlp.up_proj.down.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        load_compressed(_tampered_copy(compressed, tmp_path, drop), lazy=True)

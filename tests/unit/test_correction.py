@@ -169,3 +169,77 @@ def test_step_is_judged_on_windows_not_used_for_its_gradient(truncated):
     assert res.loss_after == pytest.approx(calibration_loss(model, judge, 2), rel=1e-9)
     assert res.loss_after <= res.loss_before
     assert all(loss > before for _, loss in res.trials[:-1])  # every rejected trial was worse on the judge windows
+
+
+def _saved_compressed(tiny_llama, token_windows, root, uphill: bool = False):
+    """Base (teacher) shards, a uniform-0.5 compressed model of it in the input_gram space, and its stats.
+
+    ``uphill``: the teacher's factored targets are ``W_k + ½‖W_k‖ g/‖g‖`` (``g`` the gradient at the compressed
+    weights), so the projected step climbs the loss at every scale and the previous factors are kept."""
+    from lowrank.checkpoint import save_compressed
+    from lowrank.io import write_json
+
+    base = copy.deepcopy(tiny_llama)
+    model = copy.deepcopy(tiny_llama)
+    targets = find_targets(model)
+    stats = {"input_gram": collect_input_grams(model, token_windows, 4, torch.device("cpu"), targets)}
+    ranks = dict(allocate("uniform", {t.name: t.shape for t in targets}, 0.5).ranks)
+    ranks[targets[2].name] = None
+    truncate_model(model, targets, ranks, "input_gram", stats, damping=1e-6)
+    if uphill:
+        dense = copy.deepcopy(model)
+        factored = [t for t in targets if ranks[t.name] is not None]
+        for t in factored:
+            dense.set_submodule(t.name, dense.get_submodule(t.name).to_dense())
+        G = calibration_gradients(dense, token_windows, 2, "cpu", factored).G
+        with torch.no_grad():
+            for t in factored:
+                W_k, g = dense.get_submodule(t.name).weight, G[t.name].float()
+                base.get_submodule(t.name).weight.copy_(W_k + 0.5 * W_k.norm() * g / g.norm())
+    base.save_pretrained(str(root / "base"), safe_serialization=True, max_shard_size="60KB")
+    write_json(root / "pretrained.json", {"path": "base", "path_relative": True, "has_tokenizer": False})
+    save_compressed(root / "c", model, root / "pretrained.json", {})
+    return stats
+
+
+@pytest.mark.parametrize("case", ["own windows", "judged", "uphill teacher"])
+def test_streamed_correction_equals_the_whole_model_one(tiny_llama, token_windows, tmp_path, case):
+    """A lazy compressed model corrected one block at a time (teacher lazy too, W_k and steps on disk): the
+    same report, losses, trials and factors as :func:`correct_model` on the model in memory."""
+    from lowrank.blocks import resident
+    from lowrank.checkpoint import load_compressed
+    from lowrank.correction import correct_streamed
+    from lowrank.model import find_blocks
+    from lowrank.sharded import load_lazy_model
+
+    stats = _saved_compressed(tiny_llama, token_windows, tmp_path, uphill=case == "uphill teacher")
+    half = len(token_windows) // 2
+    grad_w, judge = (token_windows[:half], token_windows[half:]) if case == "judged" else (token_windows, None)
+    space = bind("input_gram", stats, 1e-6)
+    whole = load_compressed(tmp_path / "c")
+    teacher_model = load_lazy_model(tmp_path / "base")
+    targets = find_targets(whole)
+    teacher = {}  # the teacher's target weights in memory, as correct.py reads them for correct_model
+    for i in range(len(find_blocks(teacher_model)[1])):
+        with resident(teacher_model, i, "cpu"):
+            teacher.update({t.name: linear_weight(teacher_model.get_submodule(t.name)).detach().clone()
+                            for t in targets if t.block == i})
+    ref = correct_model(whole, teacher, targets, grad_w, 2, space, "cpu", backtrack=2, judge=judge)
+    lazy = load_compressed(tmp_path / "c", lazy=True)
+    got = correct_streamed(lazy, teacher_model, find_targets(lazy), grad_w, 2, space, "cpu", tmp_path / "work",
+                           backtrack=2, judge=judge)
+    assert got.scale == ref.scale and [s for s, _ in got.trials] == [s for s, _ in ref.trials]
+    if case == "uphill teacher":  # every trial raises the loss: the previous factors are the result
+        assert ref.scale == 0.0 and all(loss > ref.loss_before for _, loss in ref.trials)
+    for a, b in zip(got.trials, ref.trials):
+        assert a[1] == pytest.approx(b[1], rel=1e-6)
+    assert got.loss_before == pytest.approx(ref.loss_before, rel=1e-6)
+    assert got.loss_after == pytest.approx(ref.loss_after, rel=1e-6)
+    assert set(got.targets) == set(ref.targets)
+    for n, r in ref.targets.items():
+        assert got.targets[n]["alpha"] == pytest.approx(r["alpha"], rel=1e-9)
+    tensors, ranks = factor_state(lazy)  # the result: every factor in CPU memory
+    ref_tensors, ref_ranks = factor_state(whole)
+    assert ranks == ref_ranks and set(tensors) == set(ref_tensors)
+    for k, v in ref_tensors.items():
+        torch.testing.assert_close(tensors[k], v, rtol=0, atol=1e-6)

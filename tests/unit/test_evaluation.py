@@ -80,3 +80,15 @@ def test_model_size_factored(tiny_llama):
     assert size["total_params"] == sum(p.numel() for p in tiny_llama.parameters())
     # the dense-equivalent count is unchanged by factoring
     assert dense_target_params(tiny_llama) == sum(dense_params(t.shape) for t in targets)
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_streamed_perplexity_equals_the_whole_model_forward(tiny_llama, eval_windows, batch_size):
+    """One block at a time over the captured block inputs, then the model's own head: the same numbers."""
+    whole = perplexity(tiny_llama, eval_windows, batch_size=batch_size)
+    streamed = perplexity(tiny_llama, eval_windows, batch_size=batch_size, streamed=True)
+    assert streamed["nll"] == pytest.approx(whole["nll"], rel=1e-6)
+    assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
+    assert {k: v for k, v in streamed.items() if k not in ("nll", "ppl")} == \
+        {k: v for k, v in whole.items() if k not in ("nll", "ppl")}
+    assert all(p.device.type == "cpu" for p in tiny_llama.parameters())  # every block back home

@@ -106,3 +106,19 @@ def test_bad_options_name_the_value(make_llama, token_windows, cpu, bad):
         collect_output_kl(model, token_windows, 1, cpu, **bad)
     if "top_k" in bad and bad["top_k"] > 1:
         assert "256" in str(e.value) and "257" in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("windows_per_backward", [1, 2])
+def test_streamed_metric_equals_the_whole_model_one(tiny_llama, tiny_gpt2, token_windows, cpu, arch,
+                                                    windows_per_backward):
+    """One block at a time (boundaries kept, K output gradients pulled back block by block): the same C."""
+    model = tiny_llama if arch == "llama" else tiny_gpt2
+    kw = dict(top_k=3, max_windows=3, windows_per_backward=windows_per_backward)
+    whole = collect_output_kl(model, token_windows, 4, cpu, **kw)
+    streamed = collect_output_kl(model, token_windows, 4, cpu, streamed=True, **kw)
+    assert (streamed.tokens, streamed.windows, streamed.top_k) == (whole.tokens, whole.windows, whole.top_k)
+    assert list(streamed.C) == list(whole.C)
+    for n, C in whole.C.items():
+        torch.testing.assert_close(streamed.C[n], C, rtol=1e-6, atol=1e-6 * float(C.abs().max()))
+    assert all(p.requires_grad for p in model.parameters())  # flags restored

@@ -280,3 +280,54 @@ def test_storage_bytes_and_bytes_pivot(tiny_llama):
     table = results_table([{"model": "m", "ppl": 5.0}], [(rec, alloc)])
     piv = bytes_pivot(table)
     assert isinstance(piv, pd.DataFrame) and float(piv.loc[piv.method == "x", "kept 0.60"].iloc[0]) == 0.59
+
+
+@pytest.mark.parametrize("mode", QUANTIZERS)
+def test_lazy_model_quantizes_block_by_block_to_the_same_bytes(tmp_path, tiny_llama_spec, mode, token_windows):
+    """A lazy model (blocks read from the shards one at a time; loss_aware's truncated products on disk and its
+    rows scored as each block's gradients complete): the same layouts, diagnostics and stored bytes."""
+    from lowrank.gradients import streamed_gradients
+    from lowrank.model import load_model, model_path
+    from lowrank.sharded import is_lazy, load_lazy_model
+
+    manifest = _base_manifest(tmp_path, tiny_llama_spec)
+    whole, lazy = load_model(manifest), load_lazy_model(model_path(manifest))
+    assert is_lazy(lazy)
+    targets = find_targets(whole)
+
+    def grads_of(m, on_block=None):
+        return streamed_gradients(m, token_windows[:2], 2, "cpu", targets, on_block=on_block, keep=on_block is None)
+
+    ranks = _ranks(whole, mode, 0.4)
+    ref = quantize_model(whole, targets, mode, 0.4, ranks, bind("none"), grads_of)
+    got = quantize_model(lazy, targets, mode, 0.4, ranks, bind("none"), grads_of, workdir=tmp_path / "work")
+    assert got.layouts == ref.layouts and got.accounted_bytes == ref.accounted_bytes
+    assert got.diagnostics == ref.diagnostics
+    for name, model in (("whole", whole), ("lazy", lazy)):
+        save_quantized(tmp_path / name, model, manifest, ref.accounted_bytes, {"mode": mode})
+    assert (tmp_path / "lazy" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_lazy_quantized_reload_streams_the_same_perplexity(tmp_path, tiny_llama_spec, token_windows):
+    """A quantized model read back lazily: int8 rows on meta until their block is placed, read in their stored
+    dtypes and dropped after it; the streamed perplexity and the sizes equal the whole-model ones."""
+    from lowrank.evaluation import model_size, perplexity, storage_bytes
+    from lowrank.io import read_json
+    from lowrank.model import find_blocks, load_model
+    from lowrank.sharded import is_lazy
+
+    manifest = _base_manifest(tmp_path, tiny_llama_spec)
+    model = load_model(manifest)
+    targets = find_targets(model)
+    res = quantize_model(model, targets, "remap", 0.4, _ranks(model, "remap", 0.4), bind("none"))
+    save_quantized(tmp_path / "q", model, manifest, res.accounted_bytes, {"mode": "remap"})
+    whole, lazy = load_compressed(tmp_path / "q"), load_compressed(tmp_path / "q", lazy=True)
+    assert is_lazy(lazy) and not is_lazy(whole)
+    _, blocks = find_blocks(lazy)
+    assert all(t.is_meta for b in blocks for t in [*b.parameters(), *b.buffers()])
+    ref, got = perplexity(whole, token_windows, 2), perplexity(lazy, token_windows, 2)
+    assert got == ref  # the same kernels on the same tensors: bitwise here
+    assert all(t.is_meta for b in blocks for t in [*b.parameters(), *b.buffers()])  # released, rows too
+    body = read_json(tmp_path / "q" / "manifest.json")
+    assert model_size(lazy) == model_size(whole) and storage_bytes(lazy, body) == storage_bytes(whole, body)

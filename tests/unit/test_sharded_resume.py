@@ -91,3 +91,16 @@ def test_killed_run_resumes_with_identical_factors(saved_llama, win, cpu, tmp_pa
     truncate_blocks(lazy3, targets, ranks2, "input_gram", stats, 1e-6, cpu, parts)
     assert part_path(parts, 0).stat().st_mtime_ns != stamp
     assert lazy3.get_submodule(targets[0].name).rank == 2
+
+
+def test_auto_streams_when_the_model_does_not_fit_the_device(saved_llama):
+    """``lazy_load: auto``: a model that fits in host memory still streams when the stage would put it whole on a
+    device without room for it (evaluation, correction, quantize); given values win."""
+    from lowrank.sharded import streams
+
+    _, folder = saved_llama
+    need = ShardedCheckpoint(folder).total_numel() * 4
+    assert streams(folder, torch.float32, None) is False  # 0.1 MB: fits in host memory
+    assert streams(folder, torch.float32, None, device_free=10 * need) is False
+    assert streams(folder, torch.float32, None, device_free=need) is True  # over half the free device memory
+    assert streams(folder, torch.float32, False, device_free=1) is False and streams(folder, torch.float32, True)
