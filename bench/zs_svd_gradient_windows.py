@@ -12,7 +12,10 @@ dense), and measures perplexity on the VALIDATION windows (training plays, overl
 which K windows from the pool (``random.Random(s)``); ``first`` rows take the first K pool windows (the
 pipeline's ``scoring.gradient_windows: K`` on the same calibration file). Input Grams: the calibration file's
 windows. ``--correct``: one projected correction (:func:`lowrank.correction.correct_model`) of chosen settings,
-held-out perplexity before and after.
+held-out perplexity before and after. ``--stages``: progressive allocation (:func:`staged_ranks`, rows
+``scorer>0.6``): allocate to the intermediate kept fraction, truncate, re-score the kept components on the
+truncated model (one streamed backward over the same K windows with the dense model's directions,
+:class:`FixedDirectionProbe`; cached in ``<cache>/restage/``), allocate to the target.
 
 Windows from ``bench/identical_windows.py``. Prints a markdown table (mean and spread over seeds); the commands of
 the committed table are in ``bench/results/zs_svd_gradient_windows_cpu.md``:
@@ -26,6 +29,7 @@ the committed table are in ``bench/results/zs_svd_gradient_windows_cpu.md``:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +37,9 @@ import os
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -249,6 +255,65 @@ def subset_scores(scorer: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor,
             for n, (sigma, g, F) in rows.items()}
 
 
+@dataclass
+class FixedDirectionProbe(ComponentProbe):
+    """A :class:`ComponentProbe` whose component directions are FIXED (the dense model's whitened components
+    ``P_out = U``, ``P_in = S^{-T} V`` from ``fixed[name] = (σ, U Σ, Vᵀ S⁻¹)``) whatever weights the model holds
+    now: on a partially truncated model it measures ``ḡ'_{w,i} = (1/T) Σ_t (u_iᵀ δ'_t)(v_iᵀ S⁻¹ x'_t)``, the
+    gradient of the COMPRESSED model's loss along each original component (``δ'``, ``x'`` from its backward)."""
+
+    fixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def begin_block(self, i: int, targets: list) -> None:
+        self._blocks[i] = [t.name for t in targets]
+        for t in targets:
+            sigma, us, vs = self.fixed[t.name]
+            self._dirs[t.name] = (sigma, us / sigma.float().clamp_min(1e-30), vs.T)
+            self._rows[t.name] = []
+
+
+def compressed_stats(model, targets, fixed: dict, windows: torch.Tensor, path: Path
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{target: (ḡ' rows [K, r], F' rows [K, r])}`` of the model as it is now (partially truncated), along
+    the dense model's components (:class:`FixedDirectionProbe`), over ``windows``; cached at ``path``."""
+    if path.is_file():
+        return torch.load(path)
+    t0 = time.perf_counter()
+    probe = FixedDirectionProbe(model, "input_gram", {}, per_window=True, fixed=fixed)
+    streamed_gradients(model, windows, 2, "cpu", targets, probe=probe, need_G=False)
+    out = {n: (c.g.float(), c.fisher.float()) for n, c in probe.result.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    log.info("re-scoring pass over %d windows: %.0f s", windows.shape[0], time.perf_counter() - t0)
+    return out
+
+
+def staged_ranks(scorer: str, stages: list[float], ratio: float, floor: float, idx: list[int], rows, shapes: dict,
+                 window_tokens: int, rescore: Callable[[dict[str, int | None], list[float]], dict]
+                 ) -> dict[str, int | None]:
+    """Progressive allocation: allocate to ``stages[0]`` with the dense model's scores (pool windows ``idx``),
+    truncate, re-score the REMAINING components on the truncated model (``rescore(ranks, stages_so_far)`` →
+    :func:`compressed_stats` rows: same directions, gradients of the compressed model, same windows), allocate
+    again to the next stage (the components already removed get score 0, so every allocator removes them first:
+    their old scores are never reused), ..., the last allocation at ``ratio``. With ``scorer``'s rule
+    (:func:`alloc_ranks`); a stage's scores read only the kept prefix ``i < k`` of each matrix (for
+    ``tail_curvature``: the tails ``Σ_{j ≤ i < k} σ_i ḡ'_{w,i}`` of what is still there)."""
+    base = scorer.partition("+")[0]
+    ranks = alloc_ranks(scorer, shapes, stages[0], subset_scores(base, rows, idx, shapes, window_tokens), floor)
+    for i, nxt in enumerate(stages[1:] + [ratio]):
+        new = rescore(ranks, stages[: i + 1])
+        scores = {}
+        for n, (sigma, _, _) in rows.items():
+            r = shapes[n].full_rank
+            k = r if ranks[n] is None else ranks[n]
+            g, F = new[n]
+            s = bench_scores(base, sigma[:k], g[:, :k].double(), F[:, :k].double(), shapes[n].m + shapes[n].n,
+                             window_tokens)
+            scores[n] = torch.cat([s, s.new_zeros(r - k)])
+        ranks = alloc_ranks(scorer, shapes, nxt, scores, floor)
+    return ranks
+
+
 def pick(choice: str, K: int, pool: int) -> list[int]:
     """The pool windows of a subset: the first ``K`` (``first``) or ``K`` drawn by ``random.Random(seed)``."""
     return list(range(K)) if choice == "first" else sorted(random.Random(int(choice[4:])).sample(range(pool), K))
@@ -318,6 +383,11 @@ def main() -> None:
                     help="scorer:K:choice:kept:floor[,...] (choice: first or seedN): print where each allocation "
                          "keeps its parameters (kept fraction per projection kind and per third of the layers), "
                          "then exit")
+    ap.add_argument("--stages", default=None,
+                    help="progressive allocation: ';'-separated schedules of intermediate kept fractions, e.g. "
+                         "'0.6;0.737,0.543' (each also runs on top of every one-shot scorer; rows named "
+                         "scorer>0.6 etc., staged_ranks)")
+    ap.add_argument("--no-oneshot", action="store_true", help="with --stages: only the staged rows")
     ap.add_argument("--table-only", action="store_true",
                     help="print the table from the cached evaluations, evaluating nothing")
     a = ap.parse_args()
@@ -339,11 +409,12 @@ def main() -> None:
         print(rank_profile(a.profile.split(","), rows, shapes, a.pool, pool.shape[1] - 1))
         return
     # the truncated weights of any rank k: W_k = (U Σ)[:, :k] (Vᵀ S⁻¹)[:k]
-    W0, US, VS = {}, {}, {}
+    W0, US, VS, component_directions_sigma = {}, {}, {}, {}
     for t in [] if a.table_only else targets:
         W = linear_weight(model.get_submodule(t.name)).detach()
         sigma, P_out, P_in = component_directions(W, input_factor("input_gram", t.name, stats, 1e-6), None, "eigh")
         W0[t.name], US[t.name], VS[t.name] = W.clone(), (P_out * sigma).float(), P_in.T.float().contiguous()
+        component_directions_sigma[t.name] = sigma
 
     held_ks = None if a.heldout_ks is None else {int(k) for k in a.heldout_ks.split(",")}
 
@@ -368,27 +439,45 @@ def main() -> None:
         settings = [(float(r), float(f)) for r, f in (x.split(":") for x in a.settings.split(","))]
     else:
         settings = [(float(r), float(f)) for r in a.ratios.split(",") for f in a.floors.split(",")]
+    schedules: list[tuple[float, ...] | None] = [] if a.stages and a.no_oneshot else [None]
+    schedules += [tuple(float(x) for x in st.split(",")) for st in a.stages.split(";")] if a.stages else []
+    fixed = {n: (component_directions_sigma[n], US[n], VS[n]) for n in US}
+
+    def make_rescore(scorer: str, idx: list[int], floor: float) -> Callable:
+        def rescore(ranks: dict[str, int | None], done: list[float]) -> dict:
+            set_ranks(ranks)
+            key = json.dumps([scorer.partition("+")[0], scorer.partition("+")[2], idx, done, floor])
+            path = cache / "restage" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
+            return compressed_stats(model, targets, fixed, pool[idx], path)
+        return rescore
+
     ks = [int(k) for k in a.ks.split(",")]
     labels = (["first"] if a.first else []) + [f"seed{s}" for s in range(a.seeds)]
     results = []
     for label in labels:  # seeds outermost: a run cut short still has every K for the first seeds
         for K in ks:
             idx = pick(label, K, a.pool)
-            for scorer in a.scorers.split(","):
-                scores = None if scorer == "uniform" else subset_scores(scorer.partition("+")[0], rows, idx, shapes,
-                                                                         pool.shape[1] - 1)
+            for scorer, sched in [(sc, st) for sc in a.scorers.split(",") for st in schedules]:
+                if sched is None:
+                    scores = None if scorer == "uniform" else subset_scores(scorer.partition("+")[0], rows, idx,
+                                                                             shapes, pool.shape[1] - 1)
                 for ratio, floor in settings:
                     t0 = time.perf_counter()
-                    rec = {"scorer": scorer, "K": K, "choice": label, "ratio": ratio, "floor": floor}
+                    name = scorer if sched is None else scorer + ">" + ">".join(f"{x:g}" for x in sched)
+                    rec = {"scorer": name, "K": K, "choice": label, "ratio": ratio, "floor": floor}
                     want = ["val"] + (["heldout"] if a.heldout and (held_ks is None or K in held_ks) else [])
-                    base = json.dumps([scorer, idx, ratio, floor])  # identical subsets are evaluated once
+                    base = json.dumps([name, idx, ratio, floor])  # identical subsets are evaluated once
                     ranks = None
                     for split in want:
                         tag = f"val@{a.val_from}" if split == "val" and a.val_from else split
                         key = f"{base} {tag} {splits[split].shape[0]}x{splits[split].shape[1]}"
                         if key not in memo and not a.table_only:
                             if ranks is None:
-                                ranks = alloc_ranks(scorer, shapes, ratio, scores, floor)
+                                if sched is None:
+                                    ranks = alloc_ranks(scorer, shapes, ratio, scores, floor)
+                                else:
+                                    ranks = staged_ranks(scorer, list(sched), ratio, floor, idx, rows, shapes,
+                                                         pool.shape[1] - 1, make_rescore(scorer, idx, floor))
                                 set_ranks(ranks)
                             memo[key] = perplexity(model, splits[split], 4)["ppl"]
                             with memo_path.open("a") as f:

@@ -5,6 +5,8 @@ fields of a recipe, each a ``ValueError`` naming the recipe and the fix:
 
 * a greedy allocator (``zero_sum``, ``min_abs``: :data:`lowrank.allocation.GREEDY_ALLOCATORS`) ranks components
   across matrices by their predicted loss change, so it needs a loss-change scorer, not ``sigma``;
+* ``allocation_stages`` (progressive allocation) re-scores from per-component statistics between greedy
+  allocations under the parameter budget: a greedy allocator, a ``from_components`` scorer, no quantize;
 * a quantize stage's ranks are allocated under the byte budget by a greedy allocator, and it excludes rehab (which
   fine-tunes float factors) and correction stages;
 * prehab shapes the spectrum of ``W S`` in a statistics space, so it needs a whitening that reads one;
@@ -61,6 +63,7 @@ class Recipe:
     allocator: str
     whitening: str = "none"
     min_rank_fraction: float = 0.0
+    allocation_stages: tuple[float, ...] = ()  # progressive allocation (lowrank.scoring.progressive_allocation)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prehab: bool | str = False  # True: the prehab model; "control": the same run with λ = 0 (plain fine-tune)
@@ -92,6 +95,7 @@ class Recipe:
         recipe = cls(name=name, scorer=spec["scorer"], allocator=spec["allocator"],
                      whitening=spec.get("whitening", "none"),
                      min_rank_fraction=float(spec.get("min_rank_fraction", 0.0)),
+                     allocation_stages=tuple(float(x) for x in spec.get("allocation_stages", ())),
                      correction=_section(CorrectionConfig, "correction", name, spec.get("correction")),
                      quantize=_section(QuantizeConfig, "quantize", name, spec.get("quantize")),
                      prehab=_prehab_value(name, spec.get("prehab", False)),
@@ -107,6 +111,14 @@ class Recipe:
                              "their predicted loss change; use scorer first_order or second_order (sigma values "
                              "of different matrices are not comparable)")
         mode = self.quantize.mode
+        if self.allocation_stages:
+            sc = SCORERS[self.scorer]
+            if not self.greedy or sc.from_components is None or mode != "none":
+                raise ValueError(f"method {name!r}: allocation_stages re-score the kept components between greedy "
+                                 f"allocations from per-component statistics under the parameter budget; it needs "
+                                 f"a greedy allocator (not {self.allocator!r}), a scorer among "
+                                 f"{sorted(n for n, v in SCORERS.items() if v.from_components)} (not "
+                                 f"{self.scorer!r}) and no quantize stage")
         if mode != "none":
             if self.allocator not in GREEDY_ALLOCATORS:
                 raise ValueError(f"method {name!r}: quantize.mode {mode!r} allocates ranks under the byte "

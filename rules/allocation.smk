@@ -1,4 +1,7 @@
-from dag import RECIPES, allocator_stats, code_fingerprint, method_spec, ratio_value, scores_for
+from dag import (
+    RECIPES, allocator_stats, code_fingerprint, mem_mb_for, method_spec, progressive_inputs, progressive_options,
+    progressive_stages, ratio_value, scores_for,
+)
 
 
 rule allocate:
@@ -6,6 +9,7 @@ rule allocate:
     under its byte budget (kept fraction of the dense targets at float16), which the quantize stage stores."""
     input:
         unpack(allocator_stats),
+        unpack(progressive_inputs),
         scores=scores_for,
     output:
         "results/{model}/{method}/{ratio}/allocation.json",
@@ -14,13 +18,14 @@ rule allocate:
         min_rank_fraction=lambda wc: method_spec(wc)["min_rank_fraction"],
         quantize=lambda wc: RECIPES[wc.method].quantize.mode,
         ratio=ratio_value,
+        progressive=progressive_options,
         core=code_fingerprint("allocate"),
     log:
         "logs/allocate/{model}/{method}/{ratio}.log",
     benchmark:
         "benchmarks/allocate/{model}/{method}/{ratio}.tsv"
-    threads: 1
+    threads: lambda wc: 8 if progressive_stages(wc) else 1  # progressive: one streamed backward per stage
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: mem_mb_for(wc, attempt, "allocate", 2) if progressive_stages(wc) else 4000,
     script:
         "../scripts/allocate.py"

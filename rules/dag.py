@@ -28,7 +28,7 @@ from lowrank.accounting import TargetShape
 from lowrank.allocation import ALLOCATOR_STATS, check_recipes_reachable
 from lowrank.prehab import PrehabConfig
 from lowrank.recipes import Recipe
-from lowrank.scoring import SCORERS
+from lowrank.scoring import SCORERS, stage_fractions
 from lowrank.spaces import SPACES
 from lowrank.zeroshot import NEXT_LINE_TASK
 
@@ -187,6 +187,30 @@ def allocator_stats(wc):
 def scores_for(wc):
     m = method_spec(wc)
     return f"results/{wc.model}/{source_of(wc.method)}/scores/{m['whitening']}/{m['scorer']}.safetensors"
+
+
+def progressive_stages(wc):
+    """The intermediate kept fractions of a recipe's progressive allocation at this ratio ([] = one-shot)."""
+    return stage_fractions(float(wc.ratio), RECIPES[wc.method].allocation_stages)
+
+
+def progressive_inputs(wc):
+    """What a progressive allocation re-scores with: the model, its whitening statistics, the gradient windows."""
+    if not progressive_stages(wc):
+        return {}
+    return {"manifest": source_manifest(wc), "windows": f"results/{wc.model}/data/calibration.safetensors",
+            **stats_for_method(wc)}
+
+
+def progressive_options(wc):
+    """Its options ({} for a one-shot allocation, so those jobs never rerun for them)."""
+    stages = progressive_stages(wc)
+    if not stages:
+        return {}
+    s = config["scoring"]
+    return {"stages": stages, "gradient_windows": s["gradient_windows"],
+            "gradient_batch_size": s["gradient_batch_size"], "damping": config["whitening"]["damping"],
+            "decomposition": config["decomposition"]["method"], "runtime": runtime_spec(wc)}
 
 
 def scoring_inputs(wc):

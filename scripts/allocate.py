@@ -8,6 +8,9 @@ from lowrank.accounting import TargetShape
 from lowrank.allocation import allocate
 from lowrank.io import load_tensors, write_json
 from lowrank.allocation import allocate_bytes, byte_accounting
+from lowrank.model import find_targets, load_model
+from lowrank.runtime import parse_dtype, resolve_device
+from lowrank.scoring import progressive_allocation
 
 
 def run(smk) -> None:
@@ -17,7 +20,20 @@ def run(smk) -> None:
         sigmas = {k[len("sigma."):]: v for k, v in tensors.items() if k.startswith("sigma.")}
         shapes = {n: TargetShape(*v) for n, v in meta["targets"].items()}
         mode = smk.params.quantize
-        if mode == "none":
+        prog = dict(smk.params.progressive or {})
+        trace = None
+        if prog:  # re-score after each partial truncation (lowrank.recipes: greedy, per-component scorer)
+            rt = prog["runtime"]
+            device = resolve_device(rt.get("device", "auto"))
+            model = load_model(smk.input.manifest, dtype=parse_dtype(rt.get("dtype", "float32")), device="cpu")
+            windows = load_tensors(smk.input.windows)[0]["tokens"][: prog["gradient_windows"]]
+            alloc, trace = progressive_allocation(
+                model, find_targets(model), scores, smk.params.ratio, prog["stages"], smk.params.allocator,
+                meta["scorer"], meta["whitening"], load_stats(smk), windows, prog["gradient_batch_size"],
+                prog["damping"], device, prog["decomposition"], smk.params.min_rank_fraction)
+            for s in trace:
+                st.log.info("stage to kept %.3f%s", s["kept_fraction"], " (re-scored)" if s["rescored"] else "")
+        elif mode == "none":
             alloc = allocate(smk.params.allocator, shapes, smk.params.ratio, scores, smk.params.min_rank_fraction,
                              load_stats(smk))
         else:  # the byte budget of the int8 layout (lowrank.recipes: the allocator is a greedy one)
@@ -27,6 +43,8 @@ def run(smk) -> None:
                 "predicted_delta_loss": sum(float(scores[n][r:].sum()) for n, r in alloc.ranks.items()
                                             if r is not None) if meta["scorer"] != "sigma" else None,
                 **alloc.to_json(sigmas)}
+        if trace is not None:  # predicted_delta_loss above is the dense scores'; each stage's own is here
+            body["stages"] = trace
         if mode != "none":
             body["quantize"] = byte_accounting(mode, alloc)
             st.log.info("%s: %d of %d budget bytes in the position layout", mode, body["quantize"]["layout_bytes"],

@@ -17,6 +17,9 @@ def test_a_partial_dict_takes_the_schema_defaults() -> None:
     r = Recipe.from_dict("zs", {"whitening": "input_gram", "scorer": "first_order", "allocator": "zero_sum"})
     assert (r.name, r.whitening, r.scorer, r.allocator, r.min_rank_fraction) == ("zs", "input_gram", "first_order",
                                                                                  "zero_sum", 0.0)
+    assert r.allocation_stages == ()
+    assert Recipe.from_dict("p", {"scorer": "tail_curvature", "allocator": "zero_sum",
+                                  "allocation_stages": [0.6]}).allocation_stages == (0.6,)
     assert (r.correction.stages, r.correction.windows, r.correction.batch_size, r.correction.backtrack) == (0, 4, 2, 3)
     assert (r.quantize.mode, r.rehab.steps, r.refine, r.prehab, r.source, r.greedy) == ("none", 0, None, False,
                                                                                          "pretrained", True)
@@ -47,6 +50,10 @@ def test_every_recipe_of_the_full_config_builds() -> None:
     ({"scorer": "sigma", "allocator": "uniform", "quantise": {}}, "unknown keys \\['quantise'\\]"),
     ({"scorer": "sigma", "allocator": "uniform", "rehab": {"step": 1}}, "unknown rehab keys"),
     ({"scorer": "sigma", "allocator": "greedy"}, "allocator 'greedy' is not one of"),
+    ({"scorer": "tail_curvature", "allocator": "uniform", "allocation_stages": [0.6]}, "needs a greedy allocator"),
+    ({"scorer": "first_order", "allocator": "zero_sum", "allocation_stages": [0.6]}, "not 'first_order'"),
+    ({"scorer": "tail_curvature", "allocator": "zero_sum", "allocation_stages": [0.6], "quantize": {"mode": "remap"}},
+     "no quantize stage"),
 ])
 def test_a_rule_between_fields_names_the_recipe_and_the_fix(spec: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as e:
