@@ -11,7 +11,8 @@ batches, steps and lr, no surrogate term), then for each model:
   at every kept fraction: perplexity on VALIDATION windows (training plays outside every calibration window,
   :func:`refine_study.validation_windows`), and on the held-out plays with ``--heldout`` (report only);
 * with ``--zs-svd``: the default ZS-SVD recipe (tail_curvature scores on ``--gradient-windows`` calibration
-  windows of the model itself, zero-sum allocation, input_gram truncation) at every kept fraction.
+  windows of the model itself, zero-sum allocation, input_gram truncation) at every kept fraction (or at
+  ``--zs-ratios``).
 
 One JSON line per model and fraction goes to ``--out`` (appended), so arms can run in separate processes;
 ``prehab_study.py --table FILE...`` prints them as one markdown table. The committed table and commands:
@@ -74,7 +75,8 @@ def planned_tails(model: torch.nn.Module, factors: dict, plans: dict[float, dict
 
 def render(paths: list[str]) -> str:
     """Markdown table of JSONL files written by this script: one row per arm, model, recipe and kept fraction;
-    ``vs control`` = ``1 − ppl / ppl_control`` of the same arm, recipe and fraction (positive: prehab better)."""
+    ``vs control`` = ``1 − ppl / ppl_control`` of the same arm, recipe and fraction (positive: prehab better);
+    the surrogate column is the recorded mean surrogate at the first and at the last step (before its update)."""
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
     key = lambda r: (r["arm"], r["recipe"], r["ratio"])  # noqa: E731
     ctl: dict[tuple, dict] = {}
@@ -83,8 +85,13 @@ def render(paths: list[str]) -> str:
             ctl[key(r)] = r
             s = r["settings"]
             ctl[("shared", s["steps"], s["lr"], s["seq_len"], r["recipe"], r["ratio"])] = r
-    out = ["| arm | model | recipe | kept | planned tail 0.6 / 0.4 | dense val | val ppl | val vs control | "
-           "dense held-out | held-out ppl | held-out vs control |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| arm | model | recipe | kept | surrogate first → last step | planned tail 0.6 / 0.4 | dense val | "
+           "val ppl | val vs control | dense held-out | held-out ppl | held-out vs control |",
+           "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def moved(r: dict) -> str:
+        h = [x["surrogate"] for x in r.get("history", []) if "surrogate" in x]
+        return f"{h[0]:.5g} → {h[-1]:.5g} ({100 * (h[-1] / h[0] - 1):+.1f} %)" if len(h) > 1 and h[0] else ""
 
     def gain(r: dict, c: dict | None, k: str) -> str:
         return "" if c is None or r["model"] != "prehab" or k not in r or k not in c else \
@@ -96,9 +103,10 @@ def render(paths: list[str]) -> str:
         c = ctl.get(key(r)) or ctl.get(("shared", s.get("steps"), s.get("lr"), s.get("seq_len"), r["recipe"],
                                         r["ratio"]))
         t = r["tail"]
-        out.append(f"| {r['arm']} | {r['model']} | {r['recipe']} | {r['ratio']:.1f} | {t['0.60']:.5f} / "
-                   f"{t['0.40']:.5f} | {r['dense_val']:.2f} | {r['val']:.2f} | {gain(r, c, 'val')} | "
-                   f"{fmt(r, 'dense_heldout')} | {fmt(r, 'heldout')} | {gain(r, c, 'heldout')} |")
+        tails = " / ".join(f"{t[k]:.5f}" if k in t else "" for k in ("0.60", "0.40"))
+        out.append(f"| {r['arm']} | {r['model']} | {r['recipe']} | {r['ratio']:.1f} | {moved(r)} | {tails} | "
+                   f"{r['dense_val']:.2f} | {r['val']:.2f} | {gain(r, c, 'val')} | {fmt(r, 'dense_heldout')} | "
+                   f"{fmt(r, 'heldout')} | {gain(r, c, 'heldout')} |")
     return "\n".join(out)
 
 
@@ -114,6 +122,7 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=8)
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--zs-svd", action="store_true")
+    ap.add_argument("--zs-ratios", help="the kept fractions of the ZS-SVD rows (default: --ratios)")
     ap.add_argument("--gradient-windows", type=int, default=8)
     ap.add_argument("--no-control", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="also the untouched pretrained model")
@@ -167,7 +176,7 @@ def main() -> None:
         scores = {n: d["score"] for n, d in scored.items()}
         record = {**record, "score_s": round(time.perf_counter() - t0, 1)}
         shapes = {t.name: t.shape for t in find_targets(model)}
-        for r in ratios:
+        for r in [float(x) for x in args.zs_ratios.split(",")] if args.zs_ratios else ratios:
             alloc = allocate(spec["allocator"], shapes, r, scores)
             m = copy.deepcopy(model)
             truncate_model(m, find_targets(m), alloc.ranks, "input_gram", stats, damping, decomposition="eigh")

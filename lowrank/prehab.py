@@ -21,6 +21,12 @@ objective in plain coordinates; see the method note §1.5, §1.9). Surrogates ``
   of ``M`` does not depend on the number of calibration tokens).
 * ``effective_rank``: ``exp(H(p))``, ``p_i = σ̃_i / Σ_j σ̃_j``, ``σ̃_i = √(λ_i + ε)`` (Roy & Vetterli's entropy
   effective rank, ridged like the nuclear norm so that ``log p`` is finite).
+* ``nuclear_ratio``: ``Σ_i σ̃_i / F₀`` with ``F₀ = ‖W₀ S‖_F`` the pretrained whitened Frobenius norm, a constant:
+  the nuclear/Frobenius ratio ``‖M‖_* / ‖M‖_F`` (in ``[1, √rank]``, an effective-rank measure) with its
+  denominator frozen at step 0. The live ratio falls when ``σ_1`` grows (``∂/∂σ_1 = (‖M‖_F² − σ_1‖M‖_*)/‖M‖_F³
+  ≤ 0``); the frozen one has ``∂/∂σ_i = 1/F₀ > 0`` for every ``i``, so growing any singular value raises it. Its
+  gradient ``U Vᵀ / F₀`` lowers every ``σ_i`` by the same amount per step (soft thresholding): relative to its
+  size, the tail moves most. Needs no plan.
 * ``tail_energy``: ``Σ_{i>k} σ_i(M)² / E₀`` with ``k`` the rank the planned allocation keeps for this target
   (``prehab.plan``: a recipe and kept fraction, allocated on the PRETRAINED model) and ``E₀ = ‖W₀ S‖_F²`` the
   pretrained whitened energy, a constant. Its value is exactly the relative whitened output error that
@@ -53,7 +59,8 @@ from torch import nn
 from .finetune import OPTIMIZERS, TrainResult, train
 from .model import Target, find_targets, linear_weight
 
-__all__ = ["SURROGATES", "power_iteration", "stable_rank", "nuclear_norm", "effective_rank", "tail_energy",
+__all__ = ["SURROGATES", "power_iteration", "stable_rank", "nuclear_norm", "effective_rank", "nuclear_ratio",
+           "tail_energy",
            "relative_tail", "lambda_schedule", "PrehabConfig", "RankPenalty", "whitened_factors", "whitened_spectra",
            "whitened_spectra_of", "rank_summary", "prehab", "PrehabResult"]
 
@@ -148,6 +155,14 @@ def effective_rank(M: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     return _Spectral.apply(M, f)
 
 
+def nuclear_ratio(M: torch.Tensor, fro0: float, ridge: float = 1e-6) -> torch.Tensor:
+    """``‖M‖_* / fro0`` (ridged nuclear norm, :func:`nuclear_norm`) with a fixed ``fro0 = ‖W₀ S‖_F`` of the
+    pretrained weight: the nuclear/Frobenius ratio whose denominator σ_1 growth cannot raise."""
+    if not fro0 > 0:
+        raise ValueError(f"nuclear_ratio needs a positive reference norm, got {fro0!r} (an all-zero weight?)")
+    return nuclear_norm(M, ridge) / fro0
+
+
 def tail_energy(M: torch.Tensor, k: int, energy: float) -> torch.Tensor:
     """``Σ_{i>k} σ_i(M)² / energy``: the whitened energy beyond rank ``k`` (the smallest ``min(m, n) − k``
     eigenvalues of the smaller Gram) over a fixed ``energy`` (``‖W₀ S‖_F²`` of the pretrained weight). Gradient
@@ -186,6 +201,8 @@ SURROGATES: dict[str, Surrogate] = {
     "effective_rank": Surrogate("exp(entropy of σ/Σσ), ridged", False),
     "tail_energy": Surrogate("Σ_{i>k}σ_i² / ‖W₀S‖_F² at the planned ranks k (prehab.plan): the truncation loss "
                              "itself, with a fixed denominator σ_1 growth cannot game", False),
+    "nuclear_ratio": Surrogate("‖M‖_* / ‖W₀S‖_F: the nuclear/Frobenius ratio with the pretrained denominator "
+                               "frozen, so σ_1 growth raises it", False),
 }
 
 
@@ -335,6 +352,7 @@ class RankPenalty:
             if missing:
                 raise ValueError(f"the planned allocation has no rank for {len(missing)} targets, e.g. "
                                  f"{missing[:3]}: it belongs to another model; rerun its allocate job")
+        if ranks is not None or cfg.surrogate == "nuclear_ratio":
             with torch.no_grad():  # E₀ = ‖W₀ S‖_F², fixed at the start (the pretrained weights)
                 self.energies = {n: float((linear_weight(m).to(factors[n].dtype) @ factors[n]).square().sum())
                                  for n, m in self.modules.items()}
@@ -351,6 +369,8 @@ class RankPenalty:
             return val
         if self.cfg.surrogate == "nuclear":
             return nuclear_norm(M, self.cfg.ridge)
+        if self.cfg.surrogate == "nuclear_ratio":
+            return nuclear_ratio(M, math.sqrt(self.energies[name]), self.cfg.ridge)
         return effective_rank(M, self.cfg.ridge)
 
     def values(self) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from lowrank.calibration import collect_input_grams
 from lowrank.finetune import batch_indices, make_optimizer
 from lowrank.model import find_targets, linear_weight
-from lowrank.prehab import (PrehabConfig, RankPenalty, effective_rank, lambda_schedule, nuclear_norm, prehab,
-                            rank_summary, relative_tail, stable_rank, tail_energy, whitened_factors,
+from lowrank.prehab import (PrehabConfig, RankPenalty, effective_rank, lambda_schedule, nuclear_norm,
+                            nuclear_ratio, prehab, rank_summary, relative_tail, stable_rank, tail_energy, whitened_factors,
                             whitened_spectra)
 
 D = torch.float64
@@ -75,13 +75,34 @@ def test_tail_energy_is_the_truncation_error_over_a_fixed_energy() -> None:
         tail_energy(M, 1, 0.0)
 
 
-@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy", "tail_energy_wide"])
+def test_nuclear_ratio_is_the_ratio_with_a_frozen_denominator_that_head_growth_raises() -> None:
+    M = _matrix(SIG)
+    fro0 = math.sqrt(9 + 4 + 1 + 0.25)
+    st = [math.sqrt(s * s + 1e-6 * 14.25 / 4) for s in SIG]
+    assert float(nuclear_ratio(M, fro0)) == pytest.approx(sum(st) / fro0, rel=1e-12)  # = ‖M‖_*/‖M‖_F at step 0
+    # growing σ_1 lowers the live ratio and the entropy rank but raises the frozen ratio, by Δσ_1 / F₀
+    M_head = _matrix([6.0, 2.0, 1.0, 0.5])
+    live = lambda X: float(nuclear_norm(X) / X.norm())  # noqa: E731
+    assert live(M_head) < live(M) and float(effective_rank(M_head)) < float(effective_rank(M))
+    assert float(nuclear_ratio(M_head, fro0, 0.0) - nuclear_ratio(M, fro0, 0.0)) == pytest.approx(3.0 / fro0, rel=1e-9)
+    # its gradient is U Vᵀ / F₀: every singular value is pulled down by the same amount
+    X = M.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(nuclear_ratio(X, fro0), X)
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    assert torch.allclose(g, U @ Vh / fro0, atol=1e-6)
+    with pytest.raises(ValueError, match="positive reference norm"):
+        nuclear_ratio(M, 0.0)
+
+
+@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy", "tail_energy_wide",
+                                  "nuclear_ratio", "nuclear_ratio_wide"])
 def test_gradients_match_finite_differences(name: str) -> None:
     M = _matrix([3.0, 2.0, 1.0, 0.5], m=5, n=4, seed=1)
     M = (M.T if name.endswith("wide") else M).clone().requires_grad_(True)
     f = {"stable_rank": lambda X: stable_rank(X, iters=300)[0], "nuclear": lambda X: nuclear_norm(X),
          "effective_rank": lambda X: effective_rank(X), "tail_energy": lambda X: tail_energy(X, 2, 7.0),
-         "tail_energy_wide": lambda X: tail_energy(X, 1, 7.0)}[name]
+         "tail_energy_wide": lambda X: tail_energy(X, 1, 7.0), "nuclear_ratio": lambda X: nuclear_ratio(X, 3.0),
+         "nuclear_ratio_wide": lambda X: nuclear_ratio(X, 3.0)}[name]
     (g,) = torch.autograd.grad(f(M), M)
     h = 1e-6
     fd = torch.zeros_like(M)
@@ -94,10 +115,10 @@ def test_gradients_match_finite_differences(name: str) -> None:
     assert torch.allclose(g, fd, rtol=1e-5, atol=1e-7), (g - fd).abs().max()
 
 
-@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy"])
+@pytest.mark.parametrize("name", ["stable_rank", "nuclear", "effective_rank", "tail_energy", "nuclear_ratio"])
 def test_gradients_stay_finite_for_repeated_and_zero_singular_values(name: str) -> None:
     f = {"stable_rank": lambda X: stable_rank(X)[0], "nuclear": nuclear_norm, "effective_rank": effective_rank,
-         "tail_energy": lambda X: tail_energy(X, 1, 1.0)}[name]
+         "tail_energy": lambda X: tail_energy(X, 1, 1.0), "nuclear_ratio": lambda X: nuclear_ratio(X, 1.0)}[name]
     for M in (_matrix([1.0, 1.0, 1.0, 1.0]), _matrix([2.0, 2.0, 0.0, 0.0]), torch.eye(4, dtype=D),
               _matrix([1e-150, 1e-150, 1e-160]), torch.zeros(4, 3, dtype=D)):
         X = M.clone().requires_grad_(True)
@@ -181,6 +202,24 @@ def test_one_step_lowers_the_surrogate(setup) -> None:
     names = {f"{t.name}.weight" for t in targets}
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, frozen[n])}
     assert moved == names
+
+
+def test_nuclear_ratio_prehab_starts_at_the_live_ratio_and_lowers_it_without_a_plan(setup) -> None:
+    model, windows, grams = setup
+    targets = find_targets(model)
+    factors = whitened_factors(targets, grams, 1e-6)
+    with torch.no_grad():
+        Ms = [linear_weight(model.get_submodule(t.name)).to(factors[t.name].dtype) @ factors[t.name] for t in targets]
+        live = [float(nuclear_norm(M) / M.norm()) for M in Ms]  # ‖M‖_*/‖M‖_F of the pretrained weights
+    cfg = PrehabConfig(surrogate="nuclear_ratio", steps=2, lambda0=10.0, lambda_max=10.0, warmup_steps=0, lr=1e-2,
+                       batch_size=4, checkpoint_every=0)
+    pen = RankPenalty(model, targets, factors, cfg)
+    assert float(pen.values().detach().mean()) == pytest.approx(sum(live) / len(live), rel=1e-5)
+    res = prehab(model, windows, grams, cfg)
+    h = res.train.history
+    assert h[0]["surrogate"] == pytest.approx(sum(live) / len(live), rel=1e-5)
+    assert float(pen.values().detach().mean()) < h[0]["surrogate"] - 0.05, h  # the frozen F₀ of step 0
+    assert "tail" not in h[0]  # no plan: no planned truncation loss recorded
 
 
 def test_tail_energy_prehab_lowers_the_planned_truncation_loss_and_records_it(setup) -> None:
