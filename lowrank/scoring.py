@@ -68,7 +68,7 @@ from torch import nn
 from .accounting import TargetShape
 from .allocation import Allocation, allocate
 from .decompose import singular_values, thin_svd
-from .gradients import TargetGradients, streamed_gradients
+from .gradients import TargetGradients, calibration_gradients, streamed_gradients
 from .model import Target, linear_weight
 from .runtime import progress
 from .spaces import bind
@@ -343,7 +343,7 @@ def progressive_allocation(model: nn.Module, targets: list[Target], scores: dict
                            kept_fraction: float, stages: list[float] | tuple[float, ...], allocator: str,
                            scorer: str, whitening: str, stats: dict[str, Any], windows: torch.Tensor,
                            batch_size: int, damping: float = 1e-6, device: torch.device | str = "cpu",
-                           decomposition: str = "svd", min_rank_fraction: float = 0.0
+                           decomposition: str = "svd", min_rank_fraction: float = 0.0, streamed: bool = True
                            ) -> tuple[Allocation, list[dict[str, Any]]]:
     """Allocation by stages, re-scoring after each partial truncation (for deep cuts, where one set of scores of
     the DENSE model mispredicts: the loss changes of removing many components do not add up).
@@ -357,8 +357,11 @@ def progressive_allocation(model: nn.Module, targets: list[Target], scores: dict
     (:func:`prefix_scores`; the removed ones get 0, so every greedy allocator removes them first and their old
     scores are never reused), and allocate again to the next fraction. One extra gradient pass per stage. With no
     stage between ``kept_fraction`` and 1 this is ``allocate`` on ``scores``. ``model`` gets its dense weights
-    back. Needs a scorer fed by the per-component statistics (``from_components``). Returns the allocation and
-    one record per stage (its kept fraction and the predicted loss change of the allocation made there)."""
+    back. Needs a scorer fed by the per-component statistics (``from_components``). ``streamed``: each re-scoring
+    backward holds one block at a time (:func:`streamed_gradients`), else it runs the whole model on ``device``
+    (:func:`calibration_gradients`, one forward and one backward per batch: the faster pass where the model fits,
+    as for the dense scores). Returns the allocation and one record per stage (its kept fraction and the
+    predicted loss change of the allocation made there)."""
     sc = SCORERS.get(scorer)
     if sc is None or sc.from_components is None:
         raise ValueError(f"progressive allocation re-scores from per-component statistics; scorer {scorer!r} has "
@@ -388,7 +391,8 @@ def progressive_allocation(model: nn.Module, targets: list[Target], scores: dict
                 linear_weight(model.get_submodule(t.name)).copy_(w)
             probe = ComponentProbe(model, whitening, stats, damping, device, decomposition,
                                    per_window=sc.window_rows, directions=dirs)
-            streamed_gradients(model, windows, batch_size, device, targets, probe=probe, need_G=False)
+            calibration_gradients(model, windows, batch_size, device, targets, streamed=streamed, need_G=False,
+                                  probe=probe)
             new = {t.name: prefix_scores(scorer, probe.result[t.name], t.shape.full_rank
                                          if alloc.ranks[t.name] is None else alloc.ranks[t.name]) for t in targets}
             alloc = allocate(allocator, shapes, nxt, new, min_rank_fraction)

@@ -208,9 +208,12 @@ def progressive_options(wc):
     if not stages:
         return {}
     s = config["scoring"]
+    streamed = s.get("streamed", "auto")  # as the dense scores' pass: whole-model below GPU_MIN_SIZE_B
+    if streamed == "auto":
+        streamed = config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B
     return {"stages": stages, "gradient_windows": s["gradient_windows"],
             "gradient_batch_size": s["gradient_batch_size"], "damping": config["whitening"]["damping"],
-            "decomposition": config["decomposition"]["method"], "runtime": runtime_spec(wc)}
+            "decomposition": config["decomposition"]["method"], "streamed": streamed, "runtime": runtime_spec(wc)}
 
 
 def scoring_inputs(wc):

@@ -29,10 +29,10 @@ def setup():
     return model, windows, targets, stats, {n: d["score"] for n, d in scores.items()}
 
 
-def _run(setup, kept, stages, allocator="zero_sum"):
+def _run(setup, kept, stages, allocator="zero_sum", streamed=True):
     model, windows, targets, stats, scores = setup
     return progressive_allocation(model, targets, scores, kept, stages, allocator, "tail_curvature", "input_gram",
-                                  stats, windows, 2)
+                                  stats, windows, 2, streamed=streamed)
 
 
 def test_stage_fractions():
@@ -96,3 +96,11 @@ def test_needs_a_component_scorer(setup):
     with pytest.raises(ValueError, match="per-component statistics"):
         progressive_allocation(model, targets, scores, 0.4, [0.7], "zero_sum", "first_order", "input_gram", stats,
                                windows, 2)
+
+
+def test_whole_model_rescoring_pass_equals_the_streamed_one(setup):
+    model, _, targets, _, _ = setup
+    streamed, trace_s = _run(setup, 0.4, [0.7])
+    whole, trace_w = _run(setup, 0.4, [0.7], streamed=False)
+    assert whole.ranks == streamed.ranks and whole.kept_params == streamed.kept_params
+    assert trace_w[1]["predicted_delta_loss"] == pytest.approx(trace_s[1]["predicted_delta_loss"], rel=1e-9)
