@@ -16,7 +16,9 @@ Stages (the pipeline's own functions, streamed block by block):
 (:func:`lowrank.evaluation.perplexity` of the truncated model read back with
 :func:`lowrank.checkpoint.load_compressed` ``lazy``), ``correction`` (:func:`lowrank.correction.correct_streamed`,
 one backtrack, judged on other windows), ``output_kl`` (:func:`lowrank.output_metric.collect_output_kl` over
-``--kl-windows``) and ``quantize`` (:func:`lowrank.quantization.quantize_model`, ``loss_aware``). For each stage
+``--kl-windows``), ``quantize`` (:func:`lowrank.quantization.quantize_model`, ``loss_aware``) and ``refine``
+(:func:`lowrank.refine.refine_model`, closed form with the ``B`` refit, over ``--grad-windows``: the dense and the
+compressed model one block each, the factors kept as refined); ``--later`` picks some of them. For each stage
 the table gives its peak host RSS minus the results it holds by nature (the Grams, alive throughout; its
 factors, int8 rows or metrics; its offloaded boundary activations), which must stay flat in depth.
 
@@ -202,10 +204,18 @@ def _tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _factor_bytes(model: torch.nn.Module) -> int:
+    return _tensor_bytes(q for m in model.modules() if isinstance(m, LowRankLinear) for q in m.parameters())
+
+
+LATER = ("evaluation", "correction", "output_kl", "quantize", "refine")
+
+
 def later_stages(a: argparse.Namespace, folder: str, compressed: str, stats: dict[str, Any], windows: torch.Tensor,
                  gwin: torch.Tensor, device: torch.device, shapes: dict[str, Any], scores: dict[str, Any],
                  held_before: int) -> dict[str, dict[str, float]]:
-    """Evaluation, correction, output_kl and quantize (loss_aware), each as its script runs it on a lazy model
+    """Evaluation, correction, output_kl, quantize (loss_aware) and refine (``a.later``: which), each as its
+    script runs it on a lazy model
     (runtime.lazy_load true): the compressed model read back lazily from ``compressed`` (its factors with their
     block), the dense teacher / source from the shards in ``folder``. Each in its own peak window; ``held_gb``:
     what the stage holds by nature (``held_before``: the Grams, alive throughout, plus its own results)."""
@@ -216,6 +226,7 @@ def later_stages(a: argparse.Namespace, folder: str, compressed: str, stats: dic
     from lowrank.output_metric import collect_output_kl
     from lowrank.quantization import allocate_bytes, quantize_model
     from lowrank.quantized_linear import QuantizedLinear
+    from lowrank.refine import RefineConfig, refine_model
     from lowrank.spaces import bind
 
     dtype = DTYPES[a.dtype]
@@ -226,42 +237,55 @@ def later_stages(a: argparse.Namespace, folder: str, compressed: str, stats: dic
     def record(name: str, p: Peak, held: int) -> None:
         out[name] = {"s": p.seconds, "rss_gb": p.rss, "cuda_gb": p.cuda, "held_gb": (held_before + held) / 1e9}
 
-    _trim()
-    with Peak(device) as p:
-        model = load_compressed(compressed, dtype, lazy=True)
-        perplexity(model, windows, a.batch, device)
-    record("evaluation", p, 0)
-    del model
-    _trim()
+    want = a.later.split(",")
     space = bind("input_gram", stats, 1e-6, "svd", device)
-    judge = windows.roll(-gwin.shape[0], dims=0)[: gwin.shape[0]]
-    with tempfile.TemporaryDirectory(prefix="lowrank-correct-") as work, Peak(device) as p:
-        model = load_compressed(compressed, dtype, lazy=True)
-        teacher = load_lazy_model(folder, dtype)
-        correct_streamed(model, teacher, find_targets(teacher), gwin, a.grad_batch, space, device, work,
-                         backtrack=1, judge=judge)
-    factors = _tensor_bytes(q for m in model.modules() if isinstance(m, LowRankLinear) for q in m.parameters())
-    record("correction", p, factors + bound(gwin))
-    del model, teacher
-    _trim()
-    kl_windows = windows[: a.kl_windows]
-    with Peak(device) as p:
-        model = load_lazy_model(folder, dtype)
-        metric = collect_output_kl(model, kl_windows, a.batch, device, top_k=a.kl_top_k, max_windows=None)
-    record("output_kl", p, _tensor_bytes(metric.C.values()) + bound(kl_windows))
-    del model, metric
-    _trim()
-    ranks = allocate_bytes("loss_aware", shapes, a.ratio, scores).ranks
-    with tempfile.TemporaryDirectory(prefix="lowrank-quantize-") as work, Peak(device) as p:
-        model = load_lazy_model(folder, dtype)
-        targets = find_targets(model)
-        quantize_model(model, targets, "loss_aware", a.ratio, ranks, space,
-                       lambda m, on_block=None: streamed_gradients(m, gwin, a.grad_batch, device, targets,
-                                                                   on_block=on_block, keep=on_block is None),
-                       device, workdir=work)
-    mats = sum(4 * (s.m * s.n if ranks[n] is None else ranks[n] * (s.m + s.n)) for n, s in shapes.items())
-    quantized = _tensor_bytes(b for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers())
-    record("quantize", p, mats + quantized + bound(gwin))
+    if "evaluation" in want:
+        _trim()
+        with Peak(device) as p:
+            model = load_compressed(compressed, dtype, lazy=True)
+            perplexity(model, windows, a.batch, device)
+        record("evaluation", p, 0)
+        del model
+    if "correction" in want:
+        _trim()
+        judge = windows.roll(-gwin.shape[0], dims=0)[: gwin.shape[0]]
+        with tempfile.TemporaryDirectory(prefix="lowrank-correct-") as work, Peak(device) as p:
+            model = load_compressed(compressed, dtype, lazy=True)
+            teacher = load_lazy_model(folder, dtype)
+            correct_streamed(model, teacher, find_targets(teacher), gwin, a.grad_batch, space, device, work,
+                             backtrack=1, judge=judge)
+        record("correction", p, _factor_bytes(model) + bound(gwin))
+        del model, teacher
+    if "output_kl" in want:
+        _trim()
+        kl_windows = windows[: a.kl_windows]
+        with Peak(device) as p:
+            model = load_lazy_model(folder, dtype)
+            metric = collect_output_kl(model, kl_windows, a.batch, device, top_k=a.kl_top_k, max_windows=None)
+        record("output_kl", p, _tensor_bytes(metric.C.values()) + bound(kl_windows))
+        del model, metric
+    if "quantize" in want:
+        _trim()
+        ranks = allocate_bytes("loss_aware", shapes, a.ratio, scores).ranks
+        with tempfile.TemporaryDirectory(prefix="lowrank-quantize-") as work, Peak(device) as p:
+            model = load_lazy_model(folder, dtype)
+            targets = find_targets(model)
+            quantize_model(model, targets, "loss_aware", a.ratio, ranks, space,
+                           lambda m, on_block=None: streamed_gradients(m, gwin, a.grad_batch, device, targets,
+                                                                       on_block=on_block, keep=on_block is None),
+                           device, workdir=work)
+        mats = sum(4 * (s.m * s.n if ranks[n] is None else ranks[n] * (s.m + s.n)) for n, s in shapes.items())
+        quantized = _tensor_bytes(b for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers())
+        record("quantize", p, mats + quantized + bound(gwin))
+        del model
+    if "refine" in want:
+        _trim()
+        with Peak(device) as p:  # as scripts/refine.py: the factors kept on CPU once read (the result)
+            model = load_compressed(compressed, dtype, lazy=True, keep=True)
+            refine_model(model, load_lazy_model(folder, dtype), gwin, RefineConfig(
+                windows=gwin.shape[0], batch_size=a.grad_batch, refit_b=True, b_anchor=1.0), device)
+        record("refine", p, _factor_bytes(model))
+        del model
     return out
 
 
@@ -305,7 +329,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     # results that grow with depth by nature (held on the host until written): fp64 Grams, the factors, and the
     # streamed gradients' boundary activations (offloaded: one per block + 1)
     grams_b = _tensor_bytes(grams.C.values())
-    factors_b = _tensor_bytes(p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+    factors_b = _factor_bytes(model)
     bound_b = (boundary_bytes(gwin, a.hidden, a.layers, DTYPES[a.dtype]) if a.offload == "cpu" or
                device.type == "cpu" else 0)
     res["held_gb"] = (grams_b + factors_b + bound_b) / 1e9
@@ -408,6 +432,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-floor-passes", action="store_true", help="no resident forward/backward floors")
     ap.add_argument("--every-stage", action="store_true",
                     help="also evaluation, correction, output_kl and quantize, streamed (needs --lazy)")
+    ap.add_argument("--later", default=",".join(LATER), help="the --every-stage stages to run (comma list)")
     ap.add_argument("--kl-windows", type=int, default=4, help="output_kl windows (K backward passes each)")
     ap.add_argument("--kl-top-k", type=int, default=5)
     ap.add_argument("--default-malloc", action="store_true",

@@ -84,14 +84,17 @@ def _load_module_tensors(model: nn.Module, names: Any, path: Path, what: str) ->
 
 
 def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", lazy: bool | None = False) -> nn.Module:
+                    device: torch.device | str = "cpu", lazy: bool | None = False, keep: bool = False) -> nn.Module:
     """Base model, ``LowRankLinear`` skeletons of the recorded ranks, then the stored factors (strict).
 
     ``lazy`` (``None`` = when the base checkpoint does not fit in host memory or on ``device``,
     :func:`lowrank.sharded.streams`): the base as a
     lazy skeleton (:func:`lowrank.sharded.load_lazy_model`) whose factor (or int8) skeletons stay on ``meta`` too;
     a block's factors are read from the factor file when the block is placed and dropped when it is released,
-    so host memory holds the stem and one block, whatever the depth. The model then stays on CPU.
+    so host memory holds the stem and one block, whatever the depth. The model then stays on CPU. ``keep``
+    (a stage that changes the factors, refine): a block's factors stay on CPU after the block, so host memory
+    holds the stem, one block's dense weights and the factors seen so far (the result), and the model can be
+    saved after (:func:`lowrank.sharded.attach_factors`).
     """
     out_dir = Path(out_dir)
     manifest = read_json(out_dir / MANIFEST)
@@ -103,7 +106,7 @@ def load_compressed(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         for name, rank in manifest["ranks"].items():
             swap_in_low_rank(model, name, int(rank))
         factors = out_dir / manifest["factors"]
-        keys = attach_factors(model, factors, list(manifest["ranks"]))
+        keys = attach_factors(model, factors, list(manifest["ranks"]), keep=keep)
         _check_keys(model, manifest["ranks"], keys, factors, "factor file")
         return model.eval()
     model = load_model(base, dtype=dtype, device="cpu")

@@ -156,9 +156,10 @@ def block_of(model: nn.Module, i: int) -> nn.Module:
 def place_block(model: nn.Module, i: int, device: torch.device | str) -> torch.device:
     """Put block ``i`` on ``device`` (read from the checkpoint if the model is lazy); returns where it was."""
     key, block = _block_keys(model, i)
-    home = next(block.parameters()).device
     lazy = getattr(model, _LAZY_ATTR, None)
     metas = [n for n, p in block.named_parameters() if p.is_meta]
+    # a lazy block with any weight on meta goes back to meta, even when factors kept on CPU come first
+    home = torch.device("meta") if metas else next(block.parameters()).device
     if lazy is not None and metas:
         names = [n for n, p in block.state_dict(keep_vars=True).items() if p.is_meta]
         tensors = lazy.checkpoint.load([key + n for n in names], device, lazy.dtype)
@@ -190,14 +191,18 @@ def release_block(model: nn.Module, i: int, home: torch.device | str) -> None:
                         sub._buffers[name] = b.to("meta")
 
 
-def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str], cast: bool = True) -> list[str]:
+def attach_factors(model: nn.Module, path: str | os.PathLike, names: list[str], cast: bool = True,
+                   keep: bool = False) -> list[str]:
     """Read the modules ``names`` of a lazy ``model`` (on ``meta``: ``LowRankLinear`` factors, ``QuantizedLinear``
     rows) from the safetensors file ``path`` with their block, and send them back to ``meta`` after it, like the
     dense weights (``cast``: to the model's dtype, as the dense weights; else as stored); returns the file's
-    keys."""
+    keys. ``keep``: the factors are the stage's result (refine changes them in place): read with their block,
+    then kept on CPU like factors the stage made (so the model ends holding its factors, never the dense
+    weights)."""
     lazy = getattr(model, _LAZY_ATTR)
     keys = lazy.checkpoint.add_file(path, cast)
-    lazy.stored.update(id(model.get_submodule(n)) for n in names)
+    if not keep:
+        lazy.stored.update(id(model.get_submodule(n)) for n in names)
     return keys
 
 

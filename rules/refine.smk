@@ -16,6 +16,7 @@ rule refine:
     params:
         refine=refine_spec,
         runtime=runtime_spec,
+        lazy_load=config["runtime"]["lazy_load"],  # how the model is held (the results are identical)
         core=code_fingerprint("refine"),
     log:
         "logs/refine/{model}/{method}/{ratio}.log",
