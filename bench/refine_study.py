@@ -20,7 +20,7 @@ import yaml
 
 from lowrank.allocation import Allocation
 from lowrank.calibration import load_stat
-from lowrank.checkpoint import load_compressed
+from lowrank.checkpoint import load_compressed, save_compressed
 from lowrank.data import token_stream
 from lowrank.evaluation import perplexity
 from lowrank.io import load_tensors, read_json
@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--output-metric", default=None, choices=["io_kl"],
                     help="weight every setting's B refit (refit_b) by this space's output metric T Tᵀ (io_kl: "
                          "IO-SVD's top-K KL metric, pretrained/stats/output_kl); the A refit is the same under any")
+    ap.add_argument("--save", default=None,
+                    help="write each setting's refined model to SAVE/<setting label> (load_compressed), so the "
+                         "chosen one can be evaluated on the held-out plays without refitting it")
     ap.add_argument("--heldout", action="store_true",
                     help="also print the held-out ppl (results/<model>/data/evaluation.safetensors): a report "
                          "column only, never used to choose")
@@ -128,7 +131,13 @@ def main() -> None:
             dt = time.perf_counter() - t0
             b = rep.blocks
             eb, ea = sum(x["error_before"] for x in b) / len(b), sum(x["error_after"] for x in b) / len(b)
-            print(f"| {name} | {key} | {ppl(model)} | {eb:.4f} -> {ea:.4f} | {dt:.0f} | "
+            if args.save:
+                save_compressed(os.path.join(args.save, key.replace("/", "_")), model, manifest,
+                                {"stage": "refine", "after_stage": name, "refine": {"windows": args.windows, **setting},
+                                 "blocks": b})
+            polish = [x["polish_kept"] for x in b if "polish_kept" in x]
+            kept = f"; polish kept in {sum(polish)}/{len(polish)} blocks" if polish else ""
+            print(f"| {name} | {key} | {ppl(model)} | {eb:.4f} -> {ea:.4f}{kept} | {dt:.0f} | "
                   f"{dt / t_fwd:.1f} | {dt / t_trunc:.1f} |", flush=True)
 
 

@@ -48,7 +48,10 @@ groups is refitted.
 A bias stays on ``A``'s side unchanged (the dense bias), so the fit of ``W x`` is the fit of the layer.
 
 ``adam``: ``steps`` Adam steps (learning rate ``lr``) on the block-output MSE ``‖block_c(H_c) − Y_d‖²`` with
-only the block's factors trainable, one batch per step (cyclic order).
+only the block's factors trainable, one batch of ``batch_size`` windows per step (cyclic order), starting from
+the truncation's factors. ``polish_steps`` (``closed_form`` only) chains the two: after the closed-form refit of a
+block, that many such Adam steps (``lr``) start from the refitted factors; the polish is kept only if it lowers
+the block's output error below the closed form's (each stage guarded on its own).
 
 Guard: the relative block-output error ``e = Σ_b ‖block_c(H_c,b) − Y_d,b‖² / Σ_b ‖Y_d,b‖²`` is measured before
 and after; a block whose error would rise keeps its previous factors. Dense (unfactored) targets never change,
@@ -92,8 +95,8 @@ class RefineConfig:
     toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
     weight of the dense inputs in the target (1 = ``W X_d``, 0 = ``W X_c``); ``sequential``: each target group
     sees the inputs produced by the block's already-refitted earlier groups (else all groups' inputs are taken
-    from the unrefitted block); ``steps``/``lr``: the ``adam`` mode; ``guard``: keep a block's previous factors
-    when its output error would rise. The defaults of ``anchor`` and ``target_mix`` were chosen on validation
+    from the unrefitted block); ``steps``/``lr``: the ``adam`` mode; ``polish_steps``: Adam steps (``lr``) after
+    the closed form (0 = none); ``guard``: keep a block's previous factors when its output error would rise. The defaults of ``anchor`` and ``target_mix`` were chosen on validation
     windows of SmolLM2's training plays (bench/results/refine_validation_study.md).
     """
 
@@ -108,6 +111,7 @@ class RefineConfig:
     b_anchor: float = 0.0
     steps: int = 20
     lr: float = 1e-4
+    polish_steps: int = 0
     guard: bool = True
 
     def __post_init__(self) -> None:
@@ -124,8 +128,12 @@ class RefineConfig:
                 raise ValueError(f"refine.{key} must be a number >= 0, got {v}")
         if not (0.0 <= self.target_mix <= 1.0):
             raise ValueError(f"refine.target_mix must be in [0, 1], got {self.target_mix}")
-        if self.steps < 0 or not (self.lr > 0):
-            raise ValueError(f"refine.steps must be >= 0 and refine.lr > 0, got {self.steps}, {self.lr}")
+        if self.steps < 0 or self.polish_steps < 0 or not (self.lr > 0):
+            raise ValueError(f"refine.steps and refine.polish_steps must be >= 0 and refine.lr > 0, got "
+                             f"{self.steps}, {self.polish_steps}, {self.lr}")
+        if self.polish_steps and self.mode != "closed_form":
+            raise ValueError(f"refine.polish_steps polishes the closed form: it needs mode closed_form, got "
+                             f"{self.mode!r} (mode adam takes `steps`)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RefineConfig":
@@ -266,7 +274,8 @@ def _capture_input(block: nn.Module, module: nn.Module, call: Any) -> torch.Tens
 
 @dataclass
 class RefineReport:
-    """Per block: relative output error before / after and whether the refit was kept."""
+    """Per block: relative output error before / after and whether the refit was kept (with ``polish_steps``:
+    also the error after the closed form alone and whether the polish was kept)."""
 
     blocks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -279,6 +288,11 @@ def block_errors(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> fl
     num = sum(float((o.double() - y.to(o.device).double()).pow(2).sum()) for o, y in zip(outputs, targets))
     den = sum(float(y.double().pow(2).sum()) for y in targets)
     return num / max(den, 1e-300)
+
+
+def _finite(mods: dict[str, LowRankLinear]) -> bool:
+    return all(bool(torch.isfinite(m.up.weight).all() and torch.isfinite(m.down.weight).all())
+               for m in mods.values())
 
 
 def _factor_state(mods: dict[str, LowRankLinear]) -> dict[str, dict[str, torch.Tensor]]:
@@ -363,17 +377,19 @@ def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, grou
 
 
 def _refit_adam(cblk: nn.Module, factored: dict[str, LowRankLinear], h_c: list[torch.Tensor], calls: list[Any],
-                y_d: list[torch.Tensor], cfg: RefineConfig, device: torch.device) -> None:
+                y_d: list[torch.Tensor], steps: int, lr: float, device: torch.device) -> None:
+    """``steps`` Adam steps (``lr``) on the block-output MSE with only ``factored``'s ``A`` and ``B`` trainable,
+    batch ``step mod len(h_c)`` at step ``step``."""
     params = [p for m in factored.values() for p in (m.up.weight, m.down.weight)]
-    if not params or cfg.steps == 0:
+    if not params or steps == 0:
         return
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=lr)
     try:
         with torch.enable_grad():
-            for step in range(cfg.steps):
+            for step in range(steps):
                 b = step % len(h_c)
                 args, kwargs = calls[b]
                 out = _block_output(cblk(h_c[b].to(device), *args, **kwargs))
@@ -436,30 +452,41 @@ def refine_model(model: nn.Module, dense: nn.Module, windows: torch.Tensor, cfg:
 
             before_out = run_compressed()
             before = block_errors(before_out, y_d)
-            after, kept = before, False
+            after, kept, polished = before, False, None
             if factored:
                 saved = _factor_state(factored)
                 if cfg.mode == "closed_form":
                     _refit_closed_form(cblk, dense, model, groups, factored, h_c, calls, x_d, cfg, device,
                                        output_factor)
                 else:
-                    _refit_adam(cblk, factored, h_c, calls, y_d, cfg, device)
+                    _refit_adam(cblk, factored, h_c, calls, y_d, cfg.steps, cfg.lr, device)
                 after_out = run_compressed()
                 after = block_errors(after_out, y_d)
-                finite = all(torch.isfinite(m.up.weight).all() and torch.isfinite(m.down.weight).all()
-                             for m in factored.values())
-                kept = finite and (after <= before or not cfg.guard)
+                kept = _finite(factored) and (after <= before or not cfg.guard)
                 if not kept:
                     for n, m in factored.items():
                         m.load_state_dict(saved[n])
                     after, after_out = before, before_out
+                closed = after
+                if cfg.polish_steps:  # Adam from the closed form's factors (or the previous ones, if rejected)
+                    stage = _factor_state(factored)
+                    _refit_adam(cblk, factored, h_c, calls, y_d, cfg.polish_steps, cfg.lr, device)
+                    pol_out = run_compressed()
+                    pol = block_errors(pol_out, y_d)
+                    polished = _finite(factored) and (pol <= after or not cfg.guard)
+                    if polished:
+                        after, after_out, kept = pol, pol_out, True
+                    else:
+                        for n, m in factored.items():
+                            m.load_state_dict(stage[n])
                 h_c = after_out
             else:
                 h_c = before_out
             h_d = y_d
             del x_d
         report.blocks.append({"block": i, "error_before": before, "error_after": after, "refit_kept": kept,
-                              "factored": len(factored)})
+                              "factored": len(factored)}
+                             | ({} if polished is None else {"error_closed_form": closed, "polish_kept": polished}))
         log.info("block %d: relative output error %.4g -> %.4g%s", i, before, after,
                  "" if kept or not factored else " (refit rejected, previous factors kept)")
     return report
