@@ -1,6 +1,6 @@
 from dag import (
     RECIPES, allocator_stats, code_fingerprint, mem_mb_for, method_spec, progressive_inputs, progressive_options,
-    progressive_stages, ratio_value, scores_for,
+    progressive_runtime, progressive_stages, ratio_value, scores_for,
 )
 
 
@@ -19,6 +19,7 @@ rule allocate:
         quantize=lambda wc: RECIPES[wc.method].quantize.mode,
         ratio=ratio_value,
         progressive=progressive_options,
+        runtime=progressive_runtime,  # the device and dtype of `stage`: only a progressive allocation runs the model
         core=code_fingerprint("allocate"),
     log:
         "logs/allocate/{model}/{method}/{ratio}.log",

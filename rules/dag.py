@@ -208,12 +208,20 @@ def progressive_options(wc):
     if not stages:
         return {}
     s = config["scoring"]
-    streamed = s.get("streamed", "auto")  # as the dense scores' pass: whole-model below GPU_MIN_SIZE_B
-    if streamed == "auto":
-        streamed = config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B
     return {"stages": stages, "gradient_windows": s["gradient_windows"],
             "gradient_batch_size": s["gradient_batch_size"], "damping": config["whitening"]["damping"],
-            "decomposition": config["decomposition"]["method"], "streamed": streamed, "runtime": runtime_spec(wc)}
+            "decomposition": config["decomposition"]["method"], "streamed": gradients_streamed(wc)}
+
+
+def progressive_runtime(wc):
+    """device, dtype, seed of a progressive allocation (it runs the model); {} for a one-shot one."""
+    return runtime_spec(wc) if progressive_stages(wc) else {}
+
+
+def gradients_streamed(wc):
+    """`scoring.streamed`, with `auto` resolved by the model's size: whole-model passes below GPU_MIN_SIZE_B."""
+    streamed = config["scoring"].get("streamed", "auto")
+    return config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B if streamed == "auto" else streamed
 
 
 def scoring_inputs(wc):
@@ -229,10 +237,7 @@ def scoring_options(wc):
     `streamed: auto` resolved by the model's size (whole-model passes below GPU_MIN_SIZE_B)."""
     if not SCORERS[wc.scorer].needs_gradients:
         return {}
-    opts = dict(config["scoring"])
-    if opts.get("streamed", "auto") == "auto":
-        opts["streamed"] = config["models"][wc.model]["size_b"] >= GPU_MIN_SIZE_B
-    return opts
+    return {**config["scoring"], "streamed": gradients_streamed(wc)}
 
 
 def stages_of(method):

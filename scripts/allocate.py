@@ -8,7 +8,6 @@ from lowrank.accounting import TargetShape
 from lowrank.allocation import allocate, allocate_bytes, byte_accounting
 from lowrank.io import load_tensors, write_json
 from lowrank.model import find_targets, load_model
-from lowrank.runtime import parse_dtype, resolve_device
 from lowrank.scoring import progressive_allocation
 
 
@@ -22,16 +21,13 @@ def run(smk) -> None:
         prog = dict(smk.params.progressive or {})
         trace = None
         if prog:  # re-score after each partial truncation (lowrank.recipes: greedy, per-component scorer)
-            rt = prog["runtime"]
-            device = resolve_device(rt.get("device", "auto"))
             # streamed: blocks go to the device one at a time; whole-model: the model runs there
-            model = load_model(smk.input.manifest, dtype=parse_dtype(rt.get("dtype", "float32")),
-                               device="cpu" if prog["streamed"] else device)
+            model = load_model(smk.input.manifest, dtype=st.dtype, device="cpu" if prog["streamed"] else st.device)
             windows = load_tensors(smk.input.windows)[0]["tokens"][: prog["gradient_windows"]]
             alloc, trace = progressive_allocation(
                 model, find_targets(model), scores, smk.params.ratio, prog["stages"], smk.params.allocator,
                 meta["scorer"], meta["whitening"], load_stats(smk), windows, prog["gradient_batch_size"],
-                prog["damping"], device, prog["decomposition"], smk.params.min_rank_fraction, prog["streamed"])
+                prog["damping"], st.device, prog["decomposition"], smk.params.min_rank_fraction, prog["streamed"])
             for s in trace:
                 st.log.info("stage to kept %.3f%s", s["kept_fraction"], " (re-scored)" if s["rescored"] else "")
         elif mode == "none":
