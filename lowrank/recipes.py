@@ -78,6 +78,15 @@ class Recipe:
         return "prehab" if self.prehab else "pretrained"
 
     @property
+    def allocation_key(self) -> tuple[Any, ...]:
+        """Everything the rank allocation reads from the recipe: the model it scores (``source``), the space, the
+        scorer, the allocator and its floor, the progressive stages and the budget's unit (the int8 layout's bytes
+        or parameters). Two recipes with equal keys get the same ranks at every kept fraction (the stages after
+        the allocation, correction / refine / rehab, do not enter it), so one allocation serves both."""
+        return (self.source, self.whitening, self.scorer, self.allocator, self.min_rank_fraction,
+                self.allocation_stages, self.quantize.mode)
+
+    @property
     def greedy(self) -> bool:
         return ALLOCATORS[self.allocator].greedy
 

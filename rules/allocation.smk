@@ -1,7 +1,11 @@
 from dag import (
-    RECIPES, allocator_stats, code_fingerprint, mem_mb_for, method_spec, progressive_inputs, progressive_options,
-    progressive_runtime, progressive_stages, ratio_value, scores_for,
+    RECIPES, allocator_stats, code_fingerprint, mem_mb_for, method_spec, methods_pattern, owner_allocation,
+    progressive_inputs, progressive_options, progressive_runtime, progressive_stages, ratio_value, scores_for,
 )
+
+
+localrules:
+    share_allocation,
 
 
 rule allocate:
@@ -13,6 +17,8 @@ rule allocate:
         scores=scores_for,
     output:
         "results/{model}/{method}/{ratio}/allocation.json",
+    wildcard_constraints:
+        method=methods_pattern(allocating=True),
     params:
         allocator=lambda wc: method_spec(wc)["allocator"],
         min_rank_fraction=lambda wc: method_spec(wc)["min_rank_fraction"],
@@ -30,3 +36,18 @@ rule allocate:
         mem_mb=lambda wc, attempt: mem_mb_for(wc, attempt, "allocate", 2) if progressive_stages(wc) else 4000,
     script:
         "../scripts/allocate.py"
+
+
+rule share_allocation:
+    """A recipe whose allocation equals an earlier recipe's (same lowrank.recipes.Recipe.allocation_key: the stages
+    after the allocation differ) gets a copy of that recipe's allocation.json instead of its own allocate job."""
+    input:
+        owner_allocation,
+    output:
+        "results/{model}/{method}/{ratio}/allocation.json",
+    wildcard_constraints:
+        method=methods_pattern(allocating=False),
+    log:
+        "logs/allocate/{model}/{method}/{ratio}.log",
+    shell:
+        "cp {input:q} {output:q} && echo 'copied from {input}' > {log:q}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,24 @@ def allocator_stats(wc):
 def scores_for(wc):
     m = method_spec(wc)
     return f"results/{wc.model}/{source_of(wc.method)}/scores/{m['whitening']}/{m['scorer']}.safetensors"
+
+
+def allocation_owner(method):
+    """The recipe whose allocate job serves `method`: the first in config order with the same
+    :attr:`lowrank.recipes.Recipe.allocation_key` (zs-svd-refine and zs-svd-corr read zs-svd's ranks: one staged
+    re-scoring instead of three). `method` itself when no earlier recipe shares its key."""
+    key = RECIPES[method].allocation_key
+    return next(m for m in METHODS if RECIPES[m].allocation_key == key)
+
+
+def methods_pattern(allocating):
+    """Wildcard pattern of the recipes that run their own allocate job (`allocating`) or copy their owner's."""
+    names = [m for m in METHODS if (allocation_owner(m) == m) == allocating]
+    return "|".join(map(re.escape, names)) or r"(?!)"  # (?!): matches no name
+
+
+def owner_allocation(wc):
+    return f"results/{wc.model}/{allocation_owner(wc.method)}/{wc.ratio}/allocation.json"
 
 
 def progressive_stages(wc):

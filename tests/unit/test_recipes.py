@@ -69,3 +69,21 @@ def test_prehab_names_its_source_and_a_bad_value_is_named() -> None:
         Recipe.from_dict("p", {**base, "prehab": "yes"})
     with pytest.raises(ValueError, match="has prehab: true but whitening 'none'"):
         Recipe.from_dict("p", {**base, "whitening": "none", "prehab": "control"})
+
+
+def test_allocation_key_follows_what_the_allocation_reads() -> None:
+    """Recipes that differ only after the allocation (correction, refine, rehab) share one allocation; any field the
+    allocate job reads (source, space, scorer, allocator, floor, stages, the budget's unit) separates them."""
+    base = {"whitening": "input_gram", "scorer": "tail_curvature", "allocator": "zero_sum"}
+    key = Recipe.from_dict("zs", base).allocation_key
+    for after in ({"correction": {"stages": 1}}, {"refine": {"mode": "closed_form", "polish_steps": 8}},
+                  {"rehab": {"steps": 4}}):
+        assert Recipe.from_dict("zs-x", {**base, **after}).allocation_key == key
+    for changed in ({"whitening": "none"}, {"scorer": "first_order"}, {"allocator": "min_abs"},
+                    {"min_rank_fraction": 0.1}, {"allocation_stages": [0.6]}, {"quantize": {"mode": "remap"}},
+                    {"prehab": True}, {"prehab": "control"}):
+        assert Recipe.from_dict("zs-y", {**base, **changed}).allocation_key != key, changed
+    methods = yaml.safe_load(FULL.read_text())["methods"]
+    keys = {n: Recipe.from_dict(n, m).allocation_key for n, m in methods.items()}
+    assert keys["zs-svd-refine"] == keys["zs-svd-corr"] == keys["zs-svd"] != keys["zs-svd-paper"]
+    assert keys["svd-llm-refine"] == keys["svd-llm"] != keys["prehab-svd-llm"]

@@ -47,6 +47,10 @@ def test_refine_folder_is_evaluated_and_keeps_ranks(run: Path) -> None:
     blocks = refined["blocks"]
     assert len(blocks) == 2 and all(b["error_after"] <= b["error_before"] for b in blocks)
     assert sum(b["error_after"] for b in blocks) < 0.97 * sum(b["error_before"] for b in blocks)
+    # one allocate job: the refine recipe's ranks are a copy of its base's (same allocation key)
+    shared = [(res / m / "0.50" / "allocation.json").read_bytes() for m in ("svd-llm", "svd-llm-refine")]
+    assert shared[0] == shared[1]
+    assert "copied from" in (run / "logs/allocate/tiny-llama/svd-llm-refine/0.50.log").read_text()
     # the base recipe plans no refine; both are evaluated, with the same parameter count
     assert not (res / "svd-llm" / "0.50" / "refine").exists()
     ev_r = read_json(res / "svd-llm-refine" / "0.50" / "eval" / "ppl.json")
@@ -65,4 +69,5 @@ def test_settings_edit_reruns_refine_and_later_only(run: Path) -> None:
     finally:
         (run / "config.yaml").write_text(yaml.safe_dump(refine_config(), sort_keys=False))
     assert jobs.get("refine") == 1 and jobs.get("evaluate_compressed") == 1
-    assert "truncate" not in jobs and "allocate" not in jobs and "calibration_stats" not in jobs
+    assert "truncate" not in jobs and "calibration_stats" not in jobs
+    assert "allocate" not in jobs and "share_allocation" not in jobs

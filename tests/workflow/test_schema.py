@@ -149,6 +149,23 @@ def test_sensitivity_allocator_plans_its_statistics(workdir) -> None:
     assert "decompose" not in jobs and jobs["truncate"] == 2
 
 
+def test_recipes_with_one_allocation_plan_one_allocate_job(workdir) -> None:
+    """A recipe that differs from an earlier one only after the allocation copies that recipe's allocation.json
+    (no second allocate job); one field the allocation reads (here the progressive stages) gives it its own."""
+    cfg = tiny_config()
+    zs = {"whitening": "input_gram", "scorer": "tail_curvature", "allocator": "zero_sum"}
+    cfg["methods"] = {"zs": zs, "zs-corr": {**zs, "correction": {"stages": 1}},
+                      "zs-refine": {**zs, "refine": {"mode": "closed_form"}},
+                      "zs-staged": {**zs, "allocation_stages": [0.7]}}
+    write_workdir(workdir, cfg)
+    proc = snakemake(workdir, "-n", "-p")
+    jobs = planned_jobs(proc)
+    assert jobs["allocate"] == 2 * 2 and jobs["share_allocation"] == 2 * 2  # zs and zs-staged allocate, 2 ratios
+    assert jobs["truncate"] == 4 * 2  # the stages after it stay per recipe
+    assert "cp results/tiny-llama/zs/0.50/allocation.json results/tiny-llama/zs-refine/0.50/allocation.json" in (
+        proc.stdout + proc.stderr)
+
+
 def test_full_config_merged_over_the_default_is_the_full_config() -> None:
     """`--configfile config/full.yaml` is merged over config.yaml (nested dicts key by key): full.yaml must hold
     every recipe and every key of config.yaml, so that the merge is exactly full.yaml."""
@@ -178,7 +195,9 @@ def test_default_and_full_commands_plan_the_short_and_the_full_table(tmp_path) -
     full = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
     jobs = planned_jobs(snakemake(wd, "-n", "--configfile", str(REPO / "config" / "full.yaml")))
     n = len(full["methods"]) * len(full["ratios"])
-    assert jobs["allocate"] == jobs["evaluate_compressed"] == jobs["evaluate_zeroshot"] == jobs["measure_speed"] == n
+    assert jobs["evaluate_compressed"] == jobs["evaluate_zeroshot"] == jobs["measure_speed"] == n
+    # svd-llm-refine / -rehab copy svd-llm's allocation, zs-svd-refine / -corr zs-svd's, io-svd-refine io-svd's
+    assert jobs["share_allocation"] == 5 * len(full["ratios"]) and jobs["allocate"] + jobs["share_allocation"] == n
     assert jobs["export_hf_folder"] == n and jobs["refine"] == 3 * len(full["ratios"])
     assert jobs["prehab"] == 2  # the prehab model and its lambda = 0 control
     assert jobs["evaluate_zeroshot_source"] == jobs["measure_speed_source"] == 1
