@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -63,34 +62,26 @@ def _up_to_date(wd: Path) -> None:
 def tiny_dag(tmp_path_factory, request: pytest.FixtureRequest) -> Path:
     """The folder of the session's one complete run of the shared tiny DAG (see the module docstring).
 
-    Under pytest-xdist (the README's command runs ``-n auto``) every worker asks for it: the first one runs the DAG
-    in the session's common temporary folder while holding a lock, the others wait on the lock and then read the
-    same folder (a ``done`` mark tells them it finished; a failed run leaves no mark, so each worker retries it and
-    reports its error)."""
-    reuse = os.environ.get("LOWRANK_TINY_DAG")
+    The folder is ``LOWRANK_TINY_DAG`` when set, else under pytest-xdist (the README's command runs ``-n auto``) the
+    session's common temporary folder, else a temporary folder of its own. Every worker asks for it: the first one
+    brings it up to date while holding a lock, the others wait on the lock and then read the same folder (a mark
+    holding the xdist test-run id tells them it finished in this session; a failed run leaves no mark, so each
+    worker retries it and reports its error)."""
     worker = getattr(request.config, "workerinput", None)
-    if reuse:  # a folder named by the caller, brought up to date once per session under a lock
+    reuse = os.environ.get("LOWRANK_TINY_DAG")
+    if reuse:
         wd = Path(reuse).resolve()
-        wd.parent.mkdir(parents=True, exist_ok=True)
-        session, mark = (worker or {}).get("testrunuid"), wd.parent / f".{wd.name}.session"
-        with open(wd.parent / f".{wd.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers wait here; the first one runs Snakemake
-            if session is None or not mark.is_file() or mark.read_text() != session:
-                mark.unlink(missing_ok=True)
-                _up_to_date(wd)
-                if session is not None:
-                    mark.write_text(session)
-        return wd
-    if worker is None:  # a folder of its own (not an xdist worker)
+    elif worker is not None:
+        wd = tmp_path_factory.getbasetemp().parent / "tiny-dag" / "run"  # shared by the workers of this session
+    else:
         wd = tmp_path_factory.mktemp("tiny-dag") / "run"
-        _up_to_date(wd)
-        return wd
-    common = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
-    wd, done = common / "tiny-dag" / "run", common / "tiny-dag" / "done"
-    with open(common / "tiny-dag.lock", "w") as lock:
+    wd.parent.mkdir(parents=True, exist_ok=True)
+    session, mark = (worker or {}).get("testrunuid"), wd.parent / f".{wd.name}.session"
+    with open(wd.parent / f".{wd.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not done.is_file():
-            shutil.rmtree(wd.parent, ignore_errors=True)
-            snakemake(write_workdir(wd, shared_config()))
-            done.write_text("ok\n")
+        if session is None or not mark.is_file() or mark.read_text() != session:
+            mark.unlink(missing_ok=True)
+            _up_to_date(wd)
+            if session is not None:
+                mark.write_text(session)
     return wd
