@@ -34,6 +34,17 @@ weighted output change on an isotropic input of the same energy (``λ_B = μ · 
     min_B ‖Tᵀ(W X_t − A B X_c)‖² + λ_B ‖TᵀA (B − B₀)‖²
         ⇒   B = ((AᵀM A)⁻¹ AᵀM W C_tc + λ_B B₀)(C_cc + λ_B I)⁻¹,   M = T Tᵀ.
 
+``subspace`` refits the whole rank-r map instead (reduced-rank regression): ``A`` then ``B`` only improves the
+truncation's subspace locally, while
+
+    min_{rank M ≤ r} ‖Tᵀ(W X_t − M X_c)‖² + λ‖Tᵀ(M − M₀)‖²_F,   M₀ = A₀ B₀,   λ = anchor · tr(C_cc)/n
+
+has the closed form of a whitened truncation: with ``L Lᵀ = C_cc + λ I`` (Cholesky) and the ridge least-squares
+map ``M_ls = (W C_tc + λ M₀)(C_cc + λ I)⁻¹``, the objective is ``‖Tᵀ(M − M_ls) L‖² + const``, so ``M`` is the
+rank-r truncation of ``M_ls`` whitened by ``L`` on the input side (and ``T`` on the output side):
+``Tᵀ M_ls L = U Σ Vᵀ``, ``A = T⁻ᵀ U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_rᵀ L⁻¹`` (:func:`lowrank.truncation.truncate`
+with ``S = L``). With ``X_t = X_c`` and no ridge this is SVD-LLM's truncation on the compressed model's inputs.
+
 ``anchor`` (``λ = anchor · tr(B C_cc Bᵀ)/r``) adds a ridge toward the CURRENT ``A₀`` instead of toward 0:
 
     min_A ‖W X_d − A B X_c‖² + λ‖A − A₀‖²   ⇒   A = (W C_dc Bᵀ + λ A₀)(B C_cc Bᵀ + λ I)⁻¹.
@@ -75,10 +86,11 @@ from .factorized import LowRankLinear
 from .grams import gram_update
 from .model import Target, find_blocks, find_targets, linear_weight
 from .runtime import progress
+from .truncation import truncate
 from .whitening import whitening_factor
 
 __all__ = ["REFINE_MODES", "RefineConfig", "RefineReport", "check_recipe", "refit_up", "refit_up_projected",
-           "refit_down", "block_groups", "refine_model", "block_errors"]
+           "refit_down", "refit_map", "block_groups", "refine_model", "block_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +103,8 @@ class RefineConfig:
 
     ``windows``: how many calibration windows (the first ones) feed the statistics; ``batch_size``: windows per
     block forward; ``damping``: relative ridge ``δ`` of the closed-form solves; ``refit_b``: refit ``B`` after
-    ``A``; ``b_anchor``: relative ridge of that ``B`` refit toward the current ``B``; ``anchor``: relative ridge
+    ``A``; ``subspace``: refit the whole rank-r map (reduced-rank regression, ridge ``anchor`` toward ``A₀B₀``)
+    instead of ``A`` (then ``B``); ``b_anchor``: relative ridge of that ``B`` refit toward the current ``B``; ``anchor``: relative ridge
     toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
     weight of the dense inputs in the target (1 = ``W X_d``, 0 = ``W X_c``); ``sequential``: each target group
     sees the inputs produced by the block's already-refitted earlier groups (else all groups' inputs are taken
@@ -108,6 +121,7 @@ class RefineConfig:
     target_mix: float = 0.5
     sequential: bool = True
     refit_b: bool = False
+    subspace: bool = False
     b_anchor: float = 0.0
     steps: int = 20
     lr: float = 1e-4
@@ -131,6 +145,10 @@ class RefineConfig:
         if self.steps < 0 or self.polish_steps < 0 or not (self.lr > 0):
             raise ValueError(f"refine.steps and refine.polish_steps must be >= 0 and refine.lr > 0, got "
                              f"{self.steps}, {self.polish_steps}, {self.lr}")
+        if self.subspace and (self.refit_b or self.mode != "closed_form"):
+            raise ValueError("refine.subspace refits the whole rank-r map in closed form (A and B at once): it "
+                             f"needs mode closed_form and refit_b false, got mode {self.mode!r}, refit_b "
+                             f"{self.refit_b}")
         if self.polish_steps and self.mode != "closed_form":
             raise ValueError(f"refine.polish_steps polishes the closed form: it needs mode closed_form, got "
                              f"{self.mode!r} (mode adam takes `steps`)")
@@ -203,6 +221,28 @@ def _anchored_solve(M: torch.Tensor, P: torch.Tensor, damping: float, anchor: fl
         P = P + lam * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         damping = damping / (1.0 + anchor)  # the same absolute δ: whitening_factor scales by P's mean diagonal
     return _solve_right(M, P, damping)
+
+
+def refit_map(W: torch.Tensor, r: int, C_tc: torch.Tensor, C_cc: torch.Tensor, damping: float = 1e-4,
+              anchor: float = 0.0, M0: torch.Tensor | None = None, T: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` (m×r, r×n, float64) minimising ``‖Tᵀ(W X_t − A B X_c)‖² + λ‖Tᵀ(A B − M₀)‖²_F`` over every
+    rank-``r`` map (reduced-rank regression; ``λ = anchor · tr(C_cc)/n``, no ridge when ``anchor`` is 0;
+    ``T = None``: ``T = I``): the truncation of ``M_ls = (W C_tc + λ M₀)(C_cc + λ I)⁻¹`` whitened by the
+    Cholesky factor ``L`` of ``C_cc + λ I`` (damped by ``δ``, as :func:`_solve_right`)."""
+    W, C_tc, C_cc = (t.to(torch.float64) for t in (W, C_tc, C_cc))
+    M = W @ C_tc
+    if anchor > 0:
+        if M0 is None:
+            raise ValueError("refit_map: anchor > 0 needs the current map (M0)")
+        lam = anchor * float(torch.diagonal(C_cc).mean())
+        M = M + lam * M0.to(torch.float64)
+        C_cc = C_cc + lam * torch.eye(C_cc.shape[0], dtype=C_cc.dtype, device=C_cc.device)
+        damping = damping / (1.0 + anchor)
+    L = whitening_factor(C_cc, damping=damping).S
+    M_ls = torch.cholesky_solve(M.T.contiguous(), L).T
+    f = truncate(M_ls, r, S=L, T=None if T is None else T.to(torch.float64))
+    return f.A, f.B
 
 
 def refit_down(W: torch.Tensor, A: torch.Tensor, C_dc: torch.Tensor, C_cc: torch.Tensor,
@@ -348,7 +388,7 @@ def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, grou
 
     def statistics(group: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         mods = {n: factored[n] for n in group if n in factored}
-        projected = not cfg.refit_b and _projected_is_cheaper(list(mods.values()))  # refit_b: the n×n Grams
+        projected = not (cfg.refit_b or cfg.subspace) and _projected_is_cheaper(list(mods.values()))
         downs = {n: m.down.weight for n, m in mods.items()} if projected else None
         return _group_statistics(cblk, model.get_submodule(group[0]), h_c, calls, x_d[group[0]],
                                  cfg.target_mix, downs, device)
@@ -363,7 +403,12 @@ def _refit_closed_form(cblk: nn.Module, dense: nn.Module, model: nn.Module, grou
             mod = factored[n]
             W = linear_weight(dense.get_submodule(n)).detach().to(device)
             A0 = mod.up.weight.detach()
-            if "" in st:
+            if "" in st and cfg.subspace:
+                T = None if output_factor is None else output_factor(n)
+                A, B = refit_map(W, mod.rank, *st[""], cfg.damping, cfg.anchor, A0 @ mod.down.weight.detach(),
+                                 None if T is None else T.to(device))
+                mod.down.weight.data.copy_(B.to(mod.down.weight.dtype))
+            elif "" in st:
                 C_tc, C_cc = st[""]
                 A = refit_up(W, mod.down.weight.detach(), C_tc, C_cc, cfg.damping, cfg.anchor, A0)
                 if cfg.refit_b:

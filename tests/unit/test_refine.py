@@ -13,7 +13,7 @@ from lowrank.allocation import allocate
 from lowrank.calibration import collect_input_grams
 from lowrank.factorized import LowRankLinear
 from lowrank.model import find_targets, linear_weight, replace_module
-from lowrank.refine import (RefineConfig, block_groups, check_recipe, refine_model, refit_down, refit_up,
+from lowrank.refine import (RefineConfig, block_groups, check_recipe, refine_model, refit_down, refit_map, refit_up,
                             refit_up_projected)
 from lowrank.truncation import truncate, truncate_model
 from lowrank.whitening import whitening_factor
@@ -47,6 +47,61 @@ def test_refit_down_equals_brute_force_least_squares():
     ref = torch.linalg.lstsq(K, y).solution.reshape(B.shape[1], B.shape[0]).T
     torch.testing.assert_close(B, ref, rtol=1e-8, atol=1e-8)
 
+
+
+def _objective(W, M, X_t, X_c, T=None, lam=0.0, M0=None):
+    Tt = torch.eye(W.shape[0], dtype=W.dtype) if T is None else T.T
+    val = float((Tt @ (W @ X_t - M @ X_c)).pow(2).sum())
+    return val + (lam * float((Tt @ (M - M0)).pow(2).sum()) if lam else 0.0)
+
+
+def test_refit_map_is_the_best_rank_r_map_and_beats_alternating_refits():
+    """Reduced-rank regression: the optimum over every rank-r map, brute-forced through the whitened target
+    (Eckart-Young on ``(W X_d) Q`` with ``X_c = R Qᵀ``'s row space), below A-then-B from the same start."""
+    W, A0, B0, X_d, X_c = _problem(m=8, n=9, r=3, N=60, seed=2)
+    A, B = refit_map(W, 3, X_d @ X_c.T, X_c @ X_c.T, damping=0.0)
+    assert A.shape == (8, 3) and B.shape == (3, 9)
+    # brute force: M X_c ranges over rank-3 matrices in the row space of X_c (full row rank n = 9 < N)
+    Q, R = torch.linalg.qr(X_c.T)  # X_c = Rᵀ Qᵀ
+    U, S, Vh = torch.linalg.svd(W @ X_d @ Q)
+    best = (U[:, :3] * S[:3]) @ Vh[:3] @ torch.linalg.inv(R.T)
+    torch.testing.assert_close(A @ B, best, rtol=1e-8, atol=1e-8)
+    # alternating from the same start (A, then B with that A) does not reach it
+    A1 = refit_up(W, B0, X_d @ X_c.T, X_c @ X_c.T, damping=0.0)
+    B1 = refit_down(W, A1, X_d @ X_c.T, X_c @ X_c.T, damping=0.0)
+    assert _objective(W, A @ B, X_d, X_c) < 0.99 * _objective(W, A1 @ B1, X_d, X_c)
+    # identical inputs: SVD-LLM's whitened truncation of W itself
+    C = X_c @ X_c.T
+    A2, B2 = refit_map(W, 3, C, C, damping=0.0)
+    f = truncate(W, 3, S=whitening_factor(C, damping=0.0).S)
+    torch.testing.assert_close(A2 @ B2, f.A @ f.B, rtol=1e-8, atol=1e-8)
+
+
+def test_refit_map_with_anchor_and_output_metric_is_optimal_among_rank_r_maps():
+    W, A0, B0, X_d, X_c = _problem(m=8, n=9, r=3, N=60, seed=5)
+    T, M0, anchor = _metric(8), A0 @ B0, 0.3
+    lam = anchor * float((X_c * X_c).sum()) / X_c.shape[0]
+    A, B = refit_map(W, 3, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=anchor, M0=M0, T=T)
+    got = _objective(W, A @ B, X_d, X_c, T, lam, M0)
+    # the ridge is data: stack sqrt(λ) I as extra input columns whose target is M0's outputs, then brute force
+    n = X_c.shape[0]
+    Xc_aug = torch.cat([X_c, lam**0.5 * torch.eye(n, dtype=X_c.dtype)], 1)
+    Y_aug = torch.cat([W @ X_d, lam**0.5 * M0], 1)
+    Q, R = torch.linalg.qr(Xc_aug.T)
+    U, S, Vh = torch.linalg.svd(T.T @ Y_aug @ Q)
+    best = torch.linalg.inv(T.T) @ (U[:, :3] * S[:3]) @ Vh[:3] @ torch.linalg.inv(R.T)
+    assert got == pytest.approx(_objective(W, best, X_d, X_c, T, lam, M0), rel=1e-9)
+    torch.testing.assert_close(A @ B, best, rtol=1e-7, atol=1e-7)
+    # any other rank-3 map does worse: the start, and small random moves of the optimum
+    assert got < _objective(W, M0, X_d, X_c, T, lam, M0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        A_p = A + 1e-3 * torch.randn(A.shape, generator=g, dtype=A.dtype)
+        assert got <= _objective(W, A_p @ B, X_d, X_c, T, lam, M0)
+    far_A, far_B = refit_map(W, 3, X_d @ X_c.T, X_c @ X_c.T, damping=0.0, anchor=1e9, M0=M0)
+    torch.testing.assert_close(far_A @ far_B, M0, rtol=1e-5, atol=1e-5)  # a huge ridge keeps the start
+    with pytest.raises(ValueError, match="M0"):
+        refit_map(W, 3, X_d @ X_c.T, X_c @ X_c.T, anchor=1.0)
 
 
 def _metric(m, seed=7):
@@ -166,8 +221,10 @@ LSQ = dict(damping=1e-6, anchor=0.0, target_mix=1.0)  # plain least squares agai
 @pytest.mark.parametrize("cfg", [RefineConfig(**LSQ), RefineConfig(**LSQ, refit_b=True),
                                  RefineConfig(damping=1e-6, anchor=0.05, sequential=False, target_mix=0.5),
                                  RefineConfig(damping=1e-6), RefineConfig(mode="adam", steps=30, lr=1e-3),
-                                 RefineConfig(damping=1e-6, refit_b=True, b_anchor=1.0, polish_steps=10, lr=1e-3)],
-                         ids=["A", "A_then_B", "A_anchor_parallel_mix", "A_defaults", "adam", "B_anchor_polish"])
+                                 RefineConfig(damping=1e-6, refit_b=True, b_anchor=1.0, polish_steps=10, lr=1e-3),
+                                 RefineConfig(**LSQ, subspace=True), RefineConfig(damping=1e-6, subspace=True)],
+                         ids=["A", "A_then_B", "A_anchor_parallel_mix", "A_defaults", "adam", "B_anchor_polish",
+                              "subspace", "subspace_defaults"])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_refine_lowers_every_block_error_and_keeps_ranks(arch, cfg, windows, request):
     dense = request.getfixturevalue(arch)
@@ -263,7 +320,9 @@ def test_block_groups_follow_the_data_flow(tiny_llama, llama_projections):
                                         ({"damping": -1.0}, "damping"), ({"stepz": 3}, "stepz"),
                                         ({"anchor": -0.1}, "anchor"), ({"target_mix": 1.5}, "target_mix"),
                                         ({"polish_steps": -1}, "polish_steps"),
-                                        ({"mode": "adam", "polish_steps": 4}, "polish_steps")])
+                                        ({"mode": "adam", "polish_steps": 4}, "polish_steps"),
+                                        ({"subspace": True, "refit_b": True}, "subspace"),
+                                        ({"mode": "adam", "subspace": True}, "subspace")])
 def test_config_errors_name_the_bad_value(bad, match):
     with pytest.raises(ValueError, match=match):
         RefineConfig.from_dict(bad)
