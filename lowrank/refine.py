@@ -104,12 +104,13 @@ class RefineConfig:
     ``windows``: how many calibration windows (the first ones) feed the statistics; ``batch_size``: windows per
     block forward; ``damping``: relative ridge ``δ`` of the closed-form solves; ``refit_b``: refit ``B`` after
     ``A``; ``subspace``: refit the whole rank-r map (reduced-rank regression, ridge ``anchor`` toward ``A₀B₀``)
-    instead of ``A`` (then ``B``); ``b_anchor``: relative ridge of that ``B`` refit toward the current ``B``; ``anchor``: relative ridge
-    toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
+    instead of ``A`` (then ``B``); ``b_anchor``: relative ridge of that ``B`` refit toward the current ``B``;
+    ``anchor``: relative ridge toward the current ``A`` (shrinkage instead of toward 0); ``target_mix``:
     weight of the dense inputs in the target (1 = ``W X_d``, 0 = ``W X_c``); ``sequential``: each target group
     sees the inputs produced by the block's already-refitted earlier groups (else all groups' inputs are taken
     from the unrefitted block); ``steps``/``lr``: the ``adam`` mode; ``polish_steps``: Adam steps (``lr``) after
-    the closed form (0 = none); ``guard``: keep a block's previous factors when its output error would rise. The defaults of ``anchor`` and ``target_mix`` were chosen on validation
+    the closed form (0 = none); ``guard``: keep a block's previous factors when its output error would rise.
+    The defaults of ``anchor`` and ``target_mix`` were chosen on validation
     windows of SmolLM2's training plays (bench/results/refine_validation_study.md).
     """
 
