@@ -42,6 +42,11 @@ class Allocation:
     def kept_params(self) -> int:
         return sum(stored_params(self.shapes[n], r) for n, r in self.ranks.items())
 
+    def predicted_delta_loss(self, scores: dict[str, torch.Tensor]) -> float:
+        """``Σ_targets Σ_{i ≥ k} ΔL_i``: the summed scores of the components this allocation removes (``k`` the
+        kept rank; a dense target removes none)."""
+        return sum(float(scores[n][k:].sum()) for n, k in self.ranks.items() if k is not None)
+
     def to_json(self, scores: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """JSON body: totals (kept and removed fractions) and one row per target."""
         rows = {}

@@ -397,8 +397,7 @@ def progressive_allocation(model: nn.Module, targets: list[Target], scores: dict
                                          if alloc.ranks[t.name] is None else alloc.ranks[t.name]) for t in targets}
             alloc = allocate(allocator, shapes, nxt, new, min_rank_fraction)
             trace.append({"kept_fraction": nxt, "rescored": True,
-                          "predicted_delta_loss": sum(float(new[n][r:].sum()) for n, r in alloc.ranks.items()
-                                                      if r is not None)})
+                          "predicted_delta_loss": alloc.predicted_delta_loss(new)})
     finally:
         for t in targets:
             linear_weight(model.get_submodule(t.name)).copy_(dense[t.name])

@@ -230,12 +230,15 @@ def lazy_setting(value: bool | str | None) -> bool | None:
 
 
 def load_model_streaming(manifest_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                         lazy: bool | None = None, fraction: float = 0.5) -> nn.Module:
-    """The model on CPU for a streamed stage: lazy (:func:`load_lazy_model`) when ``lazy`` or, with
-    ``lazy=None``, when the checkpoint cast to ``dtype`` exceeds ``fraction`` of the available host memory."""
+                         lazy: bool | None = None, fraction: float = 0.5,
+                         device: torch.device | str | None = None) -> nn.Module:
+    """The model for a streamed stage: lazy on CPU (:func:`load_lazy_model`) when :func:`streams` says so (``lazy``,
+    or with ``lazy=None`` a checkpoint cast to ``dtype`` above ``fraction`` of the available host memory or, for a
+    CUDA ``device``, of its free memory); else the whole model on ``device`` (CPU when ``None``)."""
     folder = model_path(manifest_path)
-    return load_lazy_model(folder, dtype) if streams(folder, dtype, lazy, fraction) else load_model(
-        manifest_path, dtype=dtype)
+    if streams(folder, dtype, lazy, fraction, device=device):
+        return load_lazy_model(folder, dtype)
+    return load_model(manifest_path, dtype=dtype, device=device or "cpu")
 
 
 def streams(folder: str | os.PathLike, dtype: torch.dtype, lazy: bool | None, fraction: float = 0.5,

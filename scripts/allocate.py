@@ -37,8 +37,7 @@ def run(smk) -> None:
             alloc = allocate_bytes(mode, shapes, smk.params.ratio, scores, smk.params.allocator,
                                    smk.params.min_rank_fraction)
         body = {"allocator": smk.params.allocator, "scorer": meta["scorer"], "whitening": meta["whitening"],
-                "predicted_delta_loss": sum(float(scores[n][r:].sum()) for n, r in alloc.ranks.items()
-                                            if r is not None) if meta["scorer"] != "sigma" else None,
+                "predicted_delta_loss": alloc.predicted_delta_loss(scores) if meta["scorer"] != "sigma" else None,
                 **alloc.to_json(sigmas)}
         if trace is not None:  # predicted_delta_loss above is the dense scores'; each stage's own is here
             body["stages"] = trace

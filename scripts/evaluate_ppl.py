@@ -7,8 +7,7 @@ from _adapter import lazy_load, stage
 from lowrank.checkpoint import load_compressed
 from lowrank.evaluation import model_size, perplexity, storage_bytes
 from lowrank.io import load_tensors, read_json, write_json
-from lowrank.model import load_model, model_path
-from lowrank.sharded import load_lazy_model, streams
+from lowrank.sharded import load_model_streaming
 
 
 def run(smk) -> None:
@@ -22,10 +21,7 @@ def run(smk) -> None:
             extra = {"factor_file_bytes": factors.stat().st_size, **storage_bytes(model, manifest),
                      "compressed_dir": folder.as_posix()}  # the evaluated (last) stage, relative to the run
         else:
-            folder = model_path(smk.input.manifest)
-            streamed = streams(folder, st.dtype, lazy, device=st.device)
-            model = load_lazy_model(folder, st.dtype) if streamed else load_model(smk.input.manifest, dtype=st.dtype,
-                                                                                  device=st.device)
+            model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy, device=st.device)
             extra = {}
         windows = load_tensors(smk.input.windows)[0]["tokens"]
         result = {**perplexity(model, windows, smk.params.batch_size, st.device), **model_size(model), **extra}

@@ -10,9 +10,9 @@ from lowrank.checkpoint import save_quantized
 from lowrank.decompose import StoredDecompositions
 from lowrank.gradients import streamed_gradients
 from lowrank.io import load_tensors, read_json
-from lowrank.model import find_targets, load_model, model_path
+from lowrank.model import find_targets
 from lowrank.quantization import FLOAT_STORAGE, QuantizeConfig, quantize_model
-from lowrank.sharded import load_lazy_model, streams
+from lowrank.sharded import load_model_streaming
 from lowrank.spaces import bind
 
 
@@ -21,10 +21,7 @@ def run(smk) -> None:
         method, ratio, damping = dict(smk.params.method), float(smk.params.ratio), smk.params.damping
         q, space = QuantizeConfig(**method["quantize"]), method["whitening"]
         # lazy (runtime.lazy_load, or larger than host or device memory): one block at a time from the shards
-        folder = model_path(smk.input.manifest)
-        lazy = streams(folder, st.dtype, lazy_load(smk), device=st.device)
-        model = load_lazy_model(folder, st.dtype) if lazy else load_model(smk.input.manifest, dtype=st.dtype,
-                                                                           device=st.device)
+        model = load_model_streaming(smk.input.manifest, dtype=st.dtype, lazy=lazy_load(smk), device=st.device)
         targets = find_targets(model)
         ranks = check_allocation(read_json(smk.input.allocation), q.mode, ratio)
         stats = load_stats(smk)
