@@ -19,6 +19,7 @@ truncation with resume, refinement) goes through this module:
 5. **Head.** ``with head_pass(model, device, as_tuple) as inject:`` the model's own forward runs only its stem
    and its head (final norm, LM head, any logit scaling): every block passes through and the last returns the
    hidden states given to ``inject``, so the logits of a streamed forward come from the model's own code.
+   :func:`streamed_batches` chains the three for a forward-only pass (perplexity, a judged loss).
 
 Only one block's weights and the boundary activations are resident at a time, never the whole model's
 activations: peak memory is flat in depth.
@@ -39,7 +40,7 @@ from .sharded import block_of, place_block, release_block
 
 __all__ = ["BlockInputs", "capture_block_inputs", "block_output", "move_stem", "stem_homes", "targets_by_block",
            "resident", "for_each_block", "stream_blocks", "OFFLOAD_MODES", "boundary_bytes", "resolve_offload",
-           "offload_block_inputs", "BoundaryStore", "head_pass", "frozen_walk"]
+           "offload_block_inputs", "BoundaryStore", "head_pass", "frozen_walk", "streamed_batches"]
 
 
 # ---- 1. capture of the block inputs ---------------------------------------------------------------------------
@@ -356,3 +357,21 @@ def head_pass(model: nn.Module, device: torch.device, as_tuple: bool
             blocks[i] = blk
         for mod in moved:
             mod.to("cpu")
+
+
+def streamed_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str,
+                     on_block: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
+                     desc: str = "blocks") -> Iterator[torch.Tensor]:
+    """A forward over ``windows`` with one decoder block resident at a time: captures the block inputs, runs
+    every block (:func:`stream_blocks`, ``on_block`` as there), then yields each batch (on ``device``) while
+    :func:`head_pass` holds that batch's last boundary, so ``model(input_ids=batch)`` returns its logits from
+    the model's own head. Each batch's boundary is dropped once the next is asked for."""
+    device = torch.device(device)
+    inputs = capture_block_inputs(model, windows, batch_size, device)
+    offload_block_inputs(inputs, device)
+    stream_blocks(model, inputs, device, on_block=on_block, desc=desc)
+    with head_pass(model, device, inputs.as_tuple) as inject:
+        for b, s in enumerate(range(0, windows.shape[0], batch_size)):
+            inject(inputs.hidden[b].to(device))
+            yield windows[s : s + batch_size].to(device)
+            inputs.hidden[b] = inputs.hidden[b][:0]

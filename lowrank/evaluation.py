@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accounting import dense_params
-from .blocks import capture_block_inputs, head_pass, offload_block_inputs, stream_blocks
+from .blocks import streamed_batches
 from .factorized import LowRankLinear
 from .model import find_targets
 from .runtime import progress
@@ -37,8 +37,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     """``exp(Σ CE / #predictions)`` over ``windows`` (LongTensor[w, T]); also the mean NLL and counts.
 
     ``streamed`` (default: when the model is lazy, :mod:`lowrank.sharded`): one decoder block resident at a
-    time (:func:`lowrank.blocks.stream_blocks` over the captured block inputs of every batch, then the model's
-    own head on the last boundary), the same numbers as the whole-model forward up to float order. Host memory:
+    time (:func:`lowrank.blocks.streamed_batches`: the blocks over the captured inputs of every batch, then the
+    model's own head on the last boundary), the same numbers as the whole-model forward up to float order. Host memory:
     the stem, one block and one boundary activation of every window, whatever the depth.
     """
     model.eval()
@@ -46,16 +46,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     starts = range(0, windows.shape[0], batch_size)
     nlls: list[torch.Tensor] = []
     if streamed:
-        device = torch.device(device)
-        inputs = capture_block_inputs(model, windows, batch_size, device)
-        offload_block_inputs(inputs, device)
-        stream_blocks(model, inputs, device, desc="perplexity")
-        with head_pass(model, device, inputs.as_tuple) as inject:
-            for b, s in enumerate(starts):
-                batch = windows[s : s + batch_size].to(device)
-                inject(inputs.hidden[b].to(device))
-                nlls.append(_window_nll(model(input_ids=batch, use_cache=False).logits, batch))
-                inputs.hidden[b] = inputs.hidden[b][:0]  # this batch's boundary is no longer needed
+        for batch in streamed_batches(model, windows, batch_size, device, desc="perplexity"):
+            nlls.append(_window_nll(model(input_ids=batch, use_cache=False).logits, batch))
     else:
         for s in progress(starts, desc="perplexity", total=len(starts)):
             batch = windows[s : s + batch_size].to(device)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (BoundaryStore, block_output, boundary_bytes, capture_block_inputs, frozen_walk, head_pass,
-                     offload_block_inputs, resident, resolve_offload, stream_blocks, targets_by_block)
+                     resident, resolve_offload, streamed_batches, targets_by_block)
 from .model import Target, find_blocks, find_targets, weight_is_transposed
 from .runtime import progress
 
@@ -184,20 +184,14 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int,
 @torch.no_grad()
 def streamed_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
                   on_block: Callable[[int, nn.Module], Callable[[], None] | None] | None = None) -> float:
-    """:func:`calibration_loss` with one decoder block resident at a time (:func:`lowrank.blocks.stream_blocks`
-    over the captured block inputs, then the model's own head): the same number up to float order.
+    """:func:`calibration_loss` with one decoder block resident at a time (:func:`lowrank.blocks.streamed_batches`:
+    the blocks over the captured block inputs, then the model's own head): the same number up to float order.
     ``on_block(i, block)`` runs when block ``i`` is resident, before it runs (e.g. to swap in new factors)."""
-    device = torch.device(device)
-    inputs = capture_block_inputs(model, windows, batch_size, device)
-    offload_block_inputs(inputs, device)
-    stream_blocks(model, inputs, device, on_block=on_block, desc="loss")
     total, count = 0.0, 0
-    with head_pass(model, device, inputs.as_tuple) as inject:
-        for b, s in enumerate(range(0, windows.shape[0], batch_size)):
-            inject(inputs.hidden[b].to(device))
-            loss, n = causal_lm_loss(model, windows[s : s + batch_size].to(device))
-            total += float(loss) * n
-            count += n
+    for batch in streamed_batches(model, windows, batch_size, device, on_block=on_block, desc="loss"):
+        loss, n = causal_lm_loss(model, batch)
+        total += float(loss) * n
+        count += n
     return total / count
 
 
